@@ -1,0 +1,5 @@
+"""`python -m semisparse` runs the CLI."""
+
+from semisparse.cli import main
+
+main()

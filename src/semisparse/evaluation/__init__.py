@@ -1,0 +1,1 @@
+"""Evaluation of (sparse) language models: perplexity on a token stream."""

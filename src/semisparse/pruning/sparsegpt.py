@@ -1,0 +1,146 @@
+"""SparseGPT (Frantar & Alistarh 2023): prune with OBS weight reconstruction on the layer Hessian.
+
+The layer's loss `||X Wᵀ − X Ŵᵀ||²` has Hessian `H = 2 X Xᵀ` (per row of W). Columns are processed left
+to right; pruning a weight moves the not-yet-processed weights of its row to compensate, using row `j` of
+the upper Cholesky factor of `H⁻¹` (which equals the OBS update on the remaining columns). Updates are
+applied lazily in blocks of columns, so the work per column touches only its block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from semisparse import nm
+from semisparse.errors import SemisparseError
+from semisparse.models import set_weight_matrix, weight_matrix
+from semisparse.nm import NMPattern
+
+
+def inverse_hessian_cholesky(hessian: Tensor, layer_name: str = "layer") -> Tensor:
+    """Upper Cholesky factor `U` of `H⁻¹` (`H⁻¹ = Uᵀ U`); `H` must already be dampened."""
+    lower, info = torch.linalg.cholesky_ex(hessian)
+    if int(info) == 0:
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    if int(info) != 0:
+        raise SemisparseError(
+            f"SparseGPT: the Hessian of {layer_name} is not positive definite: "
+            "use a larger --percdamp (e.g. 0.1) or more calibration data (--nsamples)"
+        )
+    return upper
+
+
+def _unstructured_block_keep(saliency: Tensor, sparsity: float) -> Tensor:
+    """Keep-mask pruning the `floor(sparsity * numel)` least salient weights of a column block."""
+    keep = torch.ones_like(saliency, dtype=torch.bool)
+    n_pruned = math.floor(saliency.numel() * sparsity + 1e-9)
+    order = torch.argsort(saliency.flatten(), stable=True)
+    keep.view(-1)[order[:n_pruned]] = False
+    return keep
+
+
+@torch.no_grad()
+def sparsegpt_prune_weight(
+    weight: Tensor,
+    hessian: Tensor,
+    pattern: NMPattern | None,
+    sparsity: float | None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    layer_name: str = "layer",
+) -> Tensor:
+    """Pruned and reconstructed copy of an [out, in] weight, in float32, given its [in, in] Hessian.
+
+    N:M: at every column `j` with `j % M == 0` the `M − N` weights of each row with the smallest OBS
+    saliency `w² / d²` among columns `j..j+M-1` are pruned, `d` being the diagonal of the Cholesky factor
+    of `H⁻¹`. Unstructured: each column block prunes its `sparsity` fraction of least salient weights.
+    """
+    if pattern is None and sparsity is None:
+        raise ValueError("sparsegpt_prune_weight needs a pattern or a sparsity")
+    if pattern is not None and blocksize % pattern.m != 0:
+        raise SemisparseError(
+            f"SparseGPT blocksize {blocksize} is not a multiple of M={pattern.m}: use e.g. 128"
+        )
+    w_all = weight.detach().to(torch.float32).clone()
+    h = hessian.detach().to(device=w_all.device, dtype=torch.float32).clone()
+    cols = w_all.shape[1]
+
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    w_all[:, dead] = 0
+    torch.diagonal(h).add_(percdamp * torch.diagonal(h).mean())
+    hinv = inverse_hessian_cholesky(h, layer_name)
+    del h
+
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        w_block = w_all[:, start:end].clone()
+        q_block = torch.zeros_like(w_block)
+        err_block = torch.zeros_like(w_block)
+        hinv_block = hinv[start:end, start:end]
+        d = torch.diagonal(hinv_block)
+        if pattern is None:
+            keep = _unstructured_block_keep(w_block.square() / d.square(), sparsity)
+        else:
+            keep = torch.ones_like(w_block, dtype=torch.bool)
+        for j in range(end - start):
+            if pattern is not None and j % pattern.m == 0:
+                group = slice(j, j + pattern.m)
+                saliency = w_block[:, group].square() / d[group].square()
+                keep[:, group] = nm.nm_mask(saliency, pattern.n, pattern.m)
+            w = w_block[:, j]
+            q = torch.where(keep[:, j], w, torch.zeros_like(w))
+            err = (w - q) / d[j]
+            w_block[:, j + 1 :] -= err.unsqueeze(1) * hinv_block[j, j + 1 :].unsqueeze(0)
+            q_block[:, j] = q
+            err_block[:, j] = err
+        w_all[:, start:end] = q_block
+        w_all[:, end:] -= err_block @ hinv[start:end, end:]
+    return w_all
+
+
+class SparseGPTPruner:
+    """Accumulates one layer's Hessian from its forward hook, then prunes and reconstructs the layer."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        pattern: NMPattern | None,
+        sparsity: float | None,
+        blocksize: int = 128,
+        percdamp: float = 0.01,
+        name: str = "layer",
+    ) -> None:
+        self.module = module
+        self.pattern = pattern
+        self.sparsity = sparsity
+        self.blocksize = blocksize
+        self.percdamp = percdamp
+        self.name = name
+        weight = weight_matrix(module)
+        cols = weight.shape[1]
+        self.hessian = torch.zeros(cols, cols, dtype=torch.float32, device=weight.device)
+        self.n_samples = 0
+
+    def add_batch(self, inp: Tensor) -> None:
+        """Fold `inp` [batch, ..., in] into the running average `H = 2/n Σ_samples Σ_tokens x xᵀ`."""
+        batch = inp.shape[0] if inp.dim() > 2 else 1
+        x = inp.detach().reshape(-1, inp.shape[-1]).to(device=self.hessian.device, dtype=torch.float32)
+        self.hessian *= self.n_samples / (self.n_samples + batch)
+        self.n_samples += batch
+        x = x * math.sqrt(2 / self.n_samples)
+        self.hessian.addmm_(x.t(), x)
+
+    @torch.no_grad()
+    def prune(self) -> None:
+        if self.n_samples == 0:
+            raise SemisparseError(
+                f"SparseGPT saw no inputs for {self.name}: the model never calls it, use --exclude"
+            )
+        weight = weight_matrix(self.module)
+        pruned = sparsegpt_prune_weight(
+            weight, self.hessian, self.pattern, self.sparsity, self.blocksize, self.percdamp, self.name
+        )
+        set_weight_matrix(self.module, pruned.to(weight.dtype))

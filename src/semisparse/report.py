@@ -1,0 +1,62 @@
+"""Sparsity reports: what fraction of each target layer is zero, and whether it really follows N:M."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from semisparse import nm
+from semisparse.models import find_targets, weight_matrix
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    follows_pattern: bool | None
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    pattern: str | None
+    layers: list[LayerSparsity]
+
+    @property
+    def overall_sparsity(self) -> float:
+        """Zeros over all target weights, weighted by layer size."""
+        total = sum(layer.shape[0] * layer.shape[1] for layer in self.layers)
+        zeros = sum(layer.sparsity * layer.shape[0] * layer.shape[1] for layer in self.layers)
+        return zeros / total if total else 0.0
+
+    @property
+    def violations(self) -> list[str]:
+        return [layer.name for layer in self.layers if layer.follows_pattern is False]
+
+    def to_dict(self) -> dict:
+        return {
+            "pattern": self.pattern,
+            "overall_sparsity": self.overall_sparsity,
+            "violations": self.violations,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+
+@torch.no_grad()
+def sparsity_report(
+    model: torch.nn.Module,
+    pattern: nm.NMPattern | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> SparsityReport:
+    """Measure every target layer; with a pattern, verify each one against it."""
+    layers = []
+    for name, module in find_targets(model, include, exclude).items():
+        weight = weight_matrix(module)
+        follows = None
+        if pattern is not None:
+            follows = weight.shape[1] % pattern.m == 0 and nm.is_nm(weight, pattern.n, pattern.m)
+        layers.append(LayerSparsity(name, tuple(weight.shape), nm.sparsity(weight), follows))
+    return SparsityReport(str(pattern) if pattern else None, layers)
