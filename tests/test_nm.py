@@ -56,6 +56,11 @@ def scores_and_pattern(draw: st.DrawFn, ties: bool = False) -> tuple[torch.Tenso
         scores = torch.randint(0, 3, shape, generator=generator).float()
     else:
         scores = torch.randn(shape, generator=generator)
+    if draw(st.booleans()):
+        specials = torch.tensor([math.nan, math.inf, -math.inf])
+        where = torch.rand(shape, generator=generator) < 0.3
+        picks = torch.randint(0, 3, shape, generator=generator)
+        scores = torch.where(where, specials[picks], scores)
     return scores, n, m
 
 
@@ -129,7 +134,7 @@ def test_is_nm_true_for_masked_and_false_when_a_group_has_too_many(
     case: tuple[torch.Tensor, int, int],
 ) -> None:
     scores, n, m = case
-    weight = scores + 10.0  # no accidental zeros
+    weight = scores.nan_to_num(0.0) + 10.0  # no accidental zeros
     pruned = weight * nm.nm_mask(scores, n, m)
     assert nm.is_nm(pruned, n, m)
     if n < m:

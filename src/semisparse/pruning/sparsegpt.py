@@ -59,9 +59,10 @@ def sparsegpt_prune_weight(
     """
     if pattern is None and sparsity is None:
         raise ValueError("sparsegpt_prune_weight needs a pattern or a sparsity")
-    if pattern is not None and blocksize % pattern.m != 0:
+    m = pattern.m if pattern is not None else 1
+    if blocksize <= 0 or blocksize % m != 0:
         raise SemisparseError(
-            f"SparseGPT blocksize {blocksize} is not a multiple of M={pattern.m}: use e.g. 128"
+            f"SparseGPT blocksize {blocksize} must be a positive multiple of M={m}: use e.g. 128"
         )
     w_all = weight.detach().to(torch.float32).clone()
     h = hessian.detach().to(device=w_all.device, dtype=torch.float32).clone()
