@@ -1,57 +1,20 @@
-"""`semisparse` command line: a thin layer of flags over `semisparse.workflows`.
-
-A `SemisparseError` becomes one line on stderr and exit status 2; no traceback for user mistakes.
-"""
+"""`semisparse prune` and `semisparse info`: one-shot pruning and the sparsity report."""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
 import click
-from transformers.utils import logging as hf_logging
 
 from semisparse import workflows
-from semisparse.errors import SemisparseError
+from semisparse.cli.common import device_option, dtype_option, quiet_option, user_errors
 from semisparse.models import DEFAULT_MODEL
 from semisparse.pruning import PRUNING_METHODS
 
 
-def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn SemisparseError into a one-line message and a non-zero exit."""
-
-    @wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except SemisparseError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
-            sys.exit(130)
-
-    return wrapper
-
-
-device_option = click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")
-dtype_option = click.option(
-    "--dtype", default="float32", type=click.Choice(list(workflows.DTYPES)), show_default=True
-)
-quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="semisparse")
-def main() -> None:
-    """Turn a Hugging Face causal LM into an accurate 2:4 (N:M) sparse model, and measure it."""
-    hf_logging.disable_progress_bar()  # our own bars say what is happening; errors stay one line
-
-
-@main.command("prune")
+@click.command("prune")
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("-o", "--output", "out", required=True, help="Output directory (must not exist).")
 @click.option("--method", type=click.Choice(PRUNING_METHODS), default="sparsegpt", show_default=True)
@@ -83,7 +46,7 @@ def prune_command(
     )
 
 
-@main.command("info")
+@click.command("info")
 @click.argument("model")
 @click.option("--pattern", default=None, help="Verify this N:M pattern (default: the saved one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -105,38 +68,3 @@ def info_command(model: str, pattern: str | None, as_json: bool) -> None:
         )
     if report.violations:
         sys.exit(1)
-
-
-@main.command("eval")
-@click.argument("models", nargs=-1, required=True)
-@click.option(
-    "--ppl", "dataset", default="wikitext2", show_default=True, help="wikitext2 or a local text file."
-)
-@click.option("--seqlen", type=int, default=None, help="Window length (default: min(2048, context)).")
-@click.option("--max-windows", type=int, default=None, help="Evaluate only the first K windows (quick look).")
-@click.option("--batch-size", type=int, default=1, show_default=True, help="Windows per forward pass.")
-@click.option("--output", "out", default=None, help="Also write the rows as JSON to this file.")
-@device_option
-@dtype_option
-@quiet_option
-@user_errors
-def eval_command(models: tuple[str, ...], out: str | None, quiet: bool, **kw: Any) -> None:
-    """Perplexity of one or more MODELS on the same text, side by side (the first is the reference)."""
-    rows = workflows.evaluate_perplexity(models, progress=not quiet, **kw)
-    reference = rows[0]["perplexity"]
-    first = rows[0]
-    scope = "all" if first["windows"] == first["total_windows"] else f"first {first['windows']} of"
-    click.echo(
-        f"\nperplexity on {first['dataset']}, {scope} {first['total_windows']} windows of {first['seqlen']}"
-    )
-    click.echo(f"{'model':<40} {'method':<10} {'pattern':<8} {'ppl':>10} {'x first':>8}")
-    for row in rows:
-        click.echo(
-            f"{row['model']:<40} {row['method']:<10} {row['pattern'] or '-':<8} "
-            f"{row['perplexity']:>10.2f} {row['perplexity'] / reference:>8.2f}"
-        )
-    if first["windows"] < first["total_windows"]:
-        click.echo("(a quick slice: drop --max-windows for the standard full-test number)")
-    if out:
-        with open(out, "w") as handle:
-            json.dump(rows, handle, indent=2)

@@ -1,0 +1,21 @@
+"""`semisparse` command line: a thin layer of flags over the Python API, one module per command family."""
+
+from __future__ import annotations
+
+import click
+from transformers.utils import logging as hf_logging
+
+from semisparse.cli.evaluate import eval_command
+from semisparse.cli.prune import info_command, prune_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="semisparse")
+def main() -> None:
+    """Turn a Hugging Face causal LM into an accurate 2:4 (N:M) sparse model, and measure it."""
+    hf_logging.disable_progress_bar()  # our own bars say what is happening; errors stay one line
+
+
+main.add_command(prune_command)
+main.add_command(info_command)
+main.add_command(eval_command)
