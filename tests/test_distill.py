@@ -1,0 +1,72 @@
+"""Distillation losses against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from semisparse.training.distill import distillation_loss, layerwise_loss
+
+
+def softmax(values):
+    top = max(values)
+    exps = [math.exp(v - top) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def test_loss_equals_a_hand_computed_value():
+    student = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 2.0], [9.0, 9.0, 9.0]]])
+    teacher = torch.tensor([[[2.0, 1.0, 0.0], [0.0, 1.0, 0.0], [-9.0, 0.0, 9.0]]])
+    ids = torch.tensor([[0, 2, 1]])
+    T, a_task, a_kl = 2.0, 0.3, 0.7
+    ce = kl = 0.0
+    for pos in range(2):  # the last position predicts nothing
+        p = softmax(student[0, pos].tolist())
+        ce -= math.log(p[ids[0, pos + 1]])
+        ps = softmax([v / T for v in student[0, pos].tolist()])
+        pt = softmax([v / T for v in teacher[0, pos].tolist()])
+        kl += sum(t * (math.log(t) - math.log(s)) for t, s in zip(pt, ps, strict=True))
+    expected = a_task * ce / 2 + a_kl * T**2 * kl / 2
+    loss, metrics = distillation_loss(student, teacher, ids, a_task, a_kl, T)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert metrics["loss_task"] == pytest.approx(ce / 2, rel=1e-6)
+    assert metrics["loss_kl"] == pytest.approx(kl / 2, rel=1e-6)
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_kl_is_zero_when_teacher_equals_student_and_last_position_is_ignored():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    ids = torch.randint(0, 11, (2, 5))
+    loss, metrics = distillation_loss(logits, logits.clone(), ids, 1.0, 0.5)
+    assert metrics["loss_kl"] == pytest.approx(0.0, abs=1e-7)
+    task, _ = distillation_loss(logits, None, ids, 1.0, 0.0)
+    torch.testing.assert_close(loss, task)
+    changed = logits.clone()
+    changed[:, -1] = 100.0
+    again, _ = distillation_loss(changed, logits, ids, 1.0, 0.5)
+    torch.testing.assert_close(again, loss)
+
+
+def test_bf16_logits_are_computed_in_float32_and_gradients_flow():
+    torch.manual_seed(1)
+    student = torch.randn(1, 4, 7, dtype=torch.bfloat16, requires_grad=True)
+    teacher = torch.randn(1, 4, 7, dtype=torch.bfloat16)
+    loss, _ = distillation_loss(student, teacher, torch.randint(0, 7, (1, 4)), 0.33, 0.67)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert student.grad is not None and bool(student.grad[:, :-1].abs().sum() > 0)
+    assert bool((student.grad[:, -1] == 0).all())
+
+
+def test_kl_needs_teacher_logits():
+    with pytest.raises(ValueError, match="teacher"):
+        distillation_loss(torch.zeros(1, 3, 4), None, torch.zeros(1, 3, dtype=torch.long), 1.0, 0.5)
+
+
+def test_layerwise_loss_hand_computed_and_zero_on_equal_states():
+    student = [torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]])]
+    teacher = [torch.tensor([[1.0, 4.0]]), torch.tensor([[3.0, 1.0]])]
+    # layer 1: mean((0, -2)^2) / mean(1, 16) = 2 / 8.5; layer 2: mean(9, 1) / mean(9, 1) = 1
+    assert layerwise_loss(student, teacher).item() == pytest.approx(2 / 8.5 + 1.0)
+    assert layerwise_loss(teacher, teacher).item() == 0.0
