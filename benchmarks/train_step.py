@@ -1,0 +1,190 @@
+"""Step time of AST and MaskLLM against dense fine-tuning of the same model and batch.
+
+One step = forward + backward + optimizer step + the method's own before/after-step work (SR-STE decay,
+mask updates, schedules), through each method's `loss` and `make_optimizer` as the training loop runs them
+(bf16 autocast on CUDA). Dense trains every weight. AST (boosted: SLoRB on) adds a frozen teacher's
+forward, the distillation loss, the masked forward and a mask update every `--mask-update-every` steps.
+MaskLLM trains only the mask logits (6 per group of 4 for 2:4) with the weights frozen. Targets from the
+issues: AST <= 1.35x and MaskLLM <= 1.5x a dense step. Writes JSON and a Markdown table.
+
+    python benchmarks/train_step.py --model smollm2-135m --micro-batch 1 --seq-len 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from semisparse.maskllm import memory_per_weight
+from semisparse.methods.ast import ASTMethod, ASTSettings
+from semisparse.methods.dense import DenseMethod, DenseSettings
+from semisparse.methods.maskllm import MaskLLMMethod, MaskLLMSettings
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def resident_bytes() -> int:
+    """The process's resident memory now (Linux); with gradients and optimizer state alive, as in a step."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def time_steps(method: Any, batch: torch.Tensor, device: str, repeats: int) -> dict[str, float]:
+    """Median seconds of one optimizer step after two warm-up steps, and the peak memory of those steps."""
+    config = SimpleNamespace(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    optimizer = method.make_optimizer(method.parameter_groups(), config)
+    method.model.train()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.startswith("cuda")
+        else contextlib.nullcontext()
+    )
+    times, rss = [], 0
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(repeats + 2):
+        _sync(device)
+        start = time.perf_counter()
+        method.before_step(step)
+        with autocast:
+            loss, _ = method.loss(batch, step)
+        loss.backward()
+        optimizer.step()
+        rss = max(rss, resident_bytes())
+        optimizer.zero_grad(set_to_none=True)
+        method.after_step(step)
+        _sync(device)
+        if step >= 2:
+            times.append(time.perf_counter() - start)
+    result = {"median_step_seconds": statistics.median(times)}
+    if device.startswith("cuda"):
+        result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    else:
+        result["rss_after_step_bytes"] = rss
+    return result
+
+
+TARGETS = {"ast": 1.35, "maskllm": 1.5}
+LABELS = {"dense": "dense fine-tuning", "ast": "AST boosted 2:4 (teacher + SLoRB)", "maskllm": "MaskLLM 2:4"}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    dense = result["methods"]["dense"]
+    peak_key = "cuda_peak_bytes" if "cuda_peak_bytes" in dense else "rss_after_step_bytes"
+    lines = [
+        f"# Training step time vs dense fine-tuning ({result['model']}, {result['device']})",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Machine: {result['machine']}; torch {result['torch']} with {result['threads']} threads, "
+        f"1-min load average at start {result['load_average_1m_at_start']}. Batch {result['micro_batch']} x "
+        f"{result['seq_len']} tokens; median of {result['repeats']} steps after 2 warm-up steps.",
+        "",
+        f"| method | median step s | tokens/s | x dense | target | {peak_key} GiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    tokens = result["micro_batch"] * result["seq_len"]
+    for name, row in result["methods"].items():
+        seconds = row["median_step_seconds"]
+        target = f"<= {TARGETS[name]}" if name in TARGETS else "-"
+        lines.append(
+            f"| {LABELS[name]} | {seconds:.3f} | {tokens / seconds:.0f} | "
+            f"{seconds / dense['median_step_seconds']:.2f} | {target} | {row[peak_key] / 2**30:.2f} |"
+        )
+    if "maskllm_state_bytes_per_weight" in result:
+        memory = result["maskllm_state_bytes_per_weight"]
+        lines += [
+            "",
+            "MaskLLM training state per masked weight (bytes): "
+            + ", ".join(f"{key} {value:g}" for key, value in memory.items()),
+        ]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--machine", default="CPU only, no GPU", help="Free-text machine description.")
+    parser.add_argument("--methods", default="dense,ast,maskllm")
+    parser.add_argument("--mask-update-every", type=int, default=2, help="AST's Δt (small, to include it).")
+    parser.add_argument("--out", type=Path, default=RESULTS / "train_step_cpu.json")
+    args = parser.parse_args()
+
+    load_average = os.getloadavg()[0]
+    methods = args.methods.split(",")
+    steps = args.repeats + 2
+    results: dict[str, dict[str, float]] = {}
+    extra: dict[str, Any] = {}
+    batch = None
+    for name in ["dense", *(m for m in methods if m != "dense")]:
+        if name == "dense":
+            method: Any = DenseMethod.from_pretrained(args.model, DenseSettings(), steps, args.device)
+        elif name == "ast":
+            settings = ASTSettings(slorb=True, mask_update_every=args.mask_update_every)
+            method = ASTMethod.from_pretrained(args.model, settings, steps, args.device, progress=False)
+        elif name == "maskllm":
+            settings = MaskLLMSettings(prior="magnitude")
+            method = MaskLLMMethod.from_pretrained(args.model, settings, steps, args.device, progress=False)
+        else:
+            raise SystemExit(f"unknown method {name}: use dense, ast, maskllm")
+        if batch is None:
+            generator = torch.Generator().manual_seed(0)
+            vocab = method.model.config.vocab_size
+            batch = torch.randint(0, vocab, (args.micro_batch, args.seq_len), generator=generator)
+            batch = batch.to(args.device)
+        results[name] = time_steps(method, batch, args.device, args.repeats)
+        if name == "maskllm":
+            extra["maskllm_state_bytes_per_weight"] = memory_per_weight(method.model)
+        del method
+    result = {
+        "command": shlex.join(["python", *sys.argv]),
+        "machine": args.machine,
+        "model": args.model,
+        "device": args.device,
+        "micro_batch": args.micro_batch,
+        "seq_len": args.seq_len,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "load_average_1m_at_start": round(load_average, 2),
+        "methods": results,
+        "over_dense": {
+            name: row["median_step_seconds"] / results["dense"]["median_step_seconds"]
+            for name, row in results.items()
+        },
+        **extra,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

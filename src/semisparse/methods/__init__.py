@@ -1,0 +1,1 @@
+"""Training methods (AST, MaskLLM, dense fine-tuning) for the shared loop of `semisparse.training`."""

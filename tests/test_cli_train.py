@@ -1,0 +1,97 @@
+"""`semisparse train`: flags and recipes become a TrainConfig, a dense run goes end to end, mistakes fail
+with `error:` and exit status 2."""
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from train_helpers import isolated_cache, save_tiny_model, write_corpus, write_eval_text  # noqa: F401
+from transformers import AutoModelForCausalLM
+
+from semisparse.cli import main
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    model = save_tiny_model(tmp_path / "model", "llama")
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    evaluation = write_eval_text(tmp_path / "eval.txt")
+    return model, corpus, evaluation
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output, result.stderr
+
+
+def small_run(model, corpus, evaluation, out, *extra):
+    return invoke(
+        "train", "dense", model, "-o", out, "--corpus", corpus, "--tokens", "256", "--seq-len", 32,
+        "--micro-batch", 2, "--eval-windows", 2, "--eval-corpus", evaluation, "--lr", "1e-3", "--quiet",
+        *extra,
+    )  # fmt: skip
+
+
+def test_train_dense_end_to_end(inputs, tmp_path):
+    code, output, stderr = small_run(*inputs, tmp_path / "run")
+    assert code == 0, stderr
+    assert "saved" in output and "4 steps, 256 tokens, perplexity" in output
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["tokens"] == 256 and saved["method_name"] == "dense" and saved["eval_seqlen"] is None
+    code, _, stderr = small_run(*inputs, tmp_path / "run")
+    assert code == 2 and stderr.startswith("error: output directory") and "--overwrite" in stderr
+
+
+def test_recipe_and_set_fill_config_flags_win(inputs, tmp_path):
+    model, corpus, evaluation = inputs
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump({"lr": 5e-3, "seq_len": 16, "warmup_steps": 0, "method": {"train_embeddings": False}})
+    )
+    code, _, stderr = small_run(
+        model, corpus, evaluation, tmp_path / "run", "--recipe", recipe, "--set", "decay_norms_and_biases=yes"
+    )
+    assert code == 0, stderr
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["lr"] == 1e-3  # the flag beats the recipe
+    assert saved["seq_len"] == 32 and saved["warmup_steps"] == 0
+    assert saved["method"] == {"decay_norms_and_biases": True, "train_embeddings": False}
+    meta = json.loads((tmp_path / "run" / "model" / "semisparse.json").read_text())
+    assert meta["settings"]["train_embeddings"] is False
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--tokens", "lots"), "cannot read the token budget 'lots'"),
+        (("--tokens", "10"), "smaller than one optimizer step"),
+        (("--lr", "-1"), "learning rate must be positive"),
+        (("--seq-len", "1024", "--tokens", "100k"), "exceeds the model's context of 256"),
+        (("--set", "nonsense=1"), "unknown dense setting(s) nonsense"),
+        (("--set", "train_embeddings=maybe"), "train_embeddings='maybe' is not a valid bool"),
+        (("--set", "novalue"), "is not key=value"),
+        (("--resume",), "has no checkpoint to resume from"),
+        (("--resume", "--overwrite"), "contradict"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(inputs, tmp_path, extra, message):
+    if extra[0] == "--resume":
+        (tmp_path / "run").mkdir()
+    code, _, stderr = small_run(*inputs, tmp_path / "run", *extra)
+    assert code == 2
+    assert stderr.startswith("error: ") and message in stderr and stderr.count("\n") == 1
+
+
+def test_unknown_corpus_is_rejected(inputs, tmp_path):
+    model, _, evaluation = inputs
+    code, _, stderr = small_run(model, "wikipeda", evaluation, tmp_path / "run")
+    assert code == 2 and "unknown corpus 'wikipeda'" in stderr
+
+
+def test_method_commands_are_listed():
+    code, output, _ = invoke("train", "--help")
+    assert code == 0 and all(name in output for name in ("dense", "ast", "maskllm"))
+    code, output, _ = invoke("train", "maskllm", "--help")
+    assert code == 0 and "--set KEY=VALUE" in output and "--tokens" in output

@@ -1,0 +1,108 @@
+"""MaskLLM on the shared training loop: a resumed run equals an uninterrupted one, and the CLI end to end."""
+
+import json
+import signal
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from train_helpers import isolated_cache, save_tiny_model, tiny_config, write_corpus  # noqa: F401
+
+from semisparse.cli import main
+from semisparse.methods.maskllm import MaskLLMMethod, MaskLLMSettings
+from semisparse.nm import is_nm
+from semisparse.training.loop import TrainingInterrupted, run
+
+TIMING = {"step_seconds", "tokens_per_s", "memory_bytes"}
+SETTINGS = MaskLLMSettings(prior="magnitude", lr=1e-2)
+
+
+class InterruptedMaskLLM(MaskLLMMethod):
+    """Sends itself SIGINT after optimizer step `stop_after` (1-based), like a user pressing Ctrl-C."""
+
+    stop_after: int | None = None
+
+    def after_step(self, step):
+        metrics = super().after_step(step)
+        if step + 1 == self.stop_after:
+            signal.raise_signal(signal.SIGINT)
+        return metrics
+
+
+def build(cls, config, initialise=True, **attributes):
+    method = cls.from_pretrained(
+        config.model, SETTINGS, config.total_steps(), "cpu", seed=config.seed, initialise=initialise
+    )
+    for key, value in attributes.items():
+        setattr(method, key, value)
+    return method
+
+
+def rows(out):
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    return tmp_path, save_tiny_model(tmp_path / "model", "gpt2"), write_corpus(tmp_path / "corpus.jsonl")
+
+
+def test_interrupted_and_resumed_maskllm_run_is_bit_identical(setup):
+    tmp_path, model, corpus = setup
+    common = {"steps": 4, "grad_accum": 2, "eval_every": 2, "method_name": "maskllm", "warmup_steps": 0}
+    full = tiny_config(model, tmp_path / "full", corpus, **common)
+    run(full, build(MaskLLMMethod, full), progress=False)
+
+    parted = tiny_config(model, tmp_path / "parted", corpus, **common)
+    with pytest.raises(TrainingInterrupted, match="after step 2 of 4"):
+        run(parted, build(InterruptedMaskLLM, parted, stop_after=2), progress=False)
+    run(parted, build(MaskLLMMethod, parted, initialise=False), resume="latest", progress=False)
+
+    expected = load_file(tmp_path / "full" / "model" / "model.safetensors")
+    resumed = load_file(tmp_path / "parted" / "model" / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(tensor, resumed[name]) for name, tensor in expected.items())
+    with (
+        np.load(tmp_path / "full" / "model" / "masks.npz") as a,
+        np.load(tmp_path / "parted" / "model" / "masks.npz") as b,
+    ):
+        assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+    full_rows = rows(tmp_path / "full")
+    assert rows(tmp_path / "parted") == full_rows
+    train_rows = [row for row in full_rows if row["kind"] == "train"]
+    assert train_rows[0]["tau"] == 4.0 and train_rows[-1]["tau"] == pytest.approx(0.05)
+    assert all(
+        {"flip_vs_prior", "mean_max_prob", "regulariser", "loss_task"} <= row.keys() for row in train_rows
+    )
+
+
+def test_cli_train_maskllm_writes_a_2_4_model_and_mask_file(setup):
+    tmp_path, model, corpus = setup
+    eval_text = tmp_path / "eval.txt"
+    eval_text.write_text("the sparse model keeps two of four weights " * 40)
+    args = [
+        "train", "maskllm", str(model), "-o", str(tmp_path / "run"), "--corpus", str(corpus),
+        "--tokens", "256", "--seq-len", "32", "--micro-batch", "2", "--eval-windows", "1",
+        "--eval-seqlen", "32", "--eval-corpus", str(eval_text), "--quiet",
+        "--set", "prior=magnitude", "--set", "lr=0.01", "--set", "hard=true",
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output + result.stderr
+    out = tmp_path / "run" / "model"
+    meta = json.loads((out / "semisparse.json").read_text())
+    assert meta["method"] == "maskllm" and meta["pattern"] == "2:4" and meta["base_model"] == str(model)
+    assert meta["settings"]["hard"] is True and meta["training"]["steps"] == 4
+    weights = load_file(out / "model.safetensors")
+    assert is_nm(weights["transformer.h.0.mlp.c_fc.weight"].t(), 2, 4)
+    with np.load(out / "masks.npz") as masks:
+        assert "transformer.h.0.mlp.c_fc.weight.mask" in masks.files
+    assert CliRunner().invoke(main, ["info", str(out)]).exit_code == 0
+    # The shipped mask file alone turns the dense model into exactly the exported MaskLLM model.
+    applied = tmp_path / "applied"
+    result = CliRunner().invoke(main, ["apply-mask", str(model), str(out / "masks.npz"), "-o", str(applied)])
+    assert result.exit_code == 0, result.stderr
+    again = load_file(applied / "model.safetensors")
+    assert again.keys() == weights.keys() and all(torch.equal(again[k], weights[k]) for k in weights)
