@@ -159,6 +159,36 @@ def evaluation_text(dataset: str) -> tuple[str, dict[str, Any]]:
     return "\n\n".join(read_texts(path)), {"dataset": str(path), "sha256": file_sha256(path)}
 
 
+def perplexity_row(
+    name: str,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    text: str,
+    source: dict[str, Any],
+    seqlen: int | None = None,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity of one loaded model on `text`, as one row of `evaluate_perplexity`."""
+    ids = tokenize_text(tokenizer, text)
+    with measured(device) as cost:
+        result = perplexity(model, ids, seqlen, max_windows, batch_size, progress)
+    meta = read_metadata(name) if Path(name).expanduser().is_dir() else None
+    return {
+        "model": name,
+        "method": (meta or {}).get("method", "dense"),
+        "pattern": (meta or {}).get("pattern"),
+        "perplexity": result.perplexity,
+        "windows": result.n_windows,
+        "total_windows": result.total_windows,
+        "seqlen": result.seqlen,
+        "eval_seconds": round(cost.seconds, 2),
+        **source,
+    }
+
+
 def evaluate_perplexity(
     model_names: Sequence[str],
     dataset: str = "wikitext2",
@@ -175,22 +205,19 @@ def evaluate_perplexity(
     rows = []
     for name in model_names:
         model = load_model(name, dtype=parse_dtype(dtype), device=device)
-        ids = tokenize_text(load_tokenizer(name), text)
-        with measured(device) as cost:
-            result = perplexity(model, ids, seqlen, max_windows, batch_size, progress)
-        meta = read_metadata(name) if Path(name).expanduser().is_dir() else None
         rows.append(
-            {
-                "model": name,
-                "method": (meta or {}).get("method", "dense"),
-                "pattern": (meta or {}).get("pattern"),
-                "perplexity": result.perplexity,
-                "windows": result.n_windows,
-                "total_windows": result.total_windows,
-                "seqlen": result.seqlen,
-                "eval_seconds": round(cost.seconds, 2),
-                **source,
-            }
+            perplexity_row(
+                name,
+                model,
+                load_tokenizer(name),
+                text,
+                source,
+                seqlen,
+                max_windows,
+                batch_size,
+                device,
+                progress,
+            )
         )
         del model
     return rows

@@ -1,4 +1,4 @@
-"""`semisparse eval`: perplexity of one or more models side by side."""
+"""`semisparse eval`: perplexity and zero-shot accuracy of one or more models, side by side."""
 
 from __future__ import annotations
 
@@ -7,40 +7,54 @@ from typing import Any
 
 import click
 
-from semisparse import workflows
 from semisparse.cli.common import device_option, dtype_option, quiet_option, user_errors
+from semisparse.evaluation.comparison import format_table
+from semisparse.evaluation.jobs import evaluate_models
+from semisparse.evaluation.zeroshot import DEFAULT_SEED, TASKS
 
 
 @click.command("eval")
 @click.argument("models", nargs=-1, required=True)
 @click.option(
-    "--ppl", "dataset", default="wikitext2", show_default=True, help="wikitext2 or a local text file."
+    "--ppl", default="wikitext2", show_default=True, help="wikitext2, a local text file, or none to skip."
 )
+@click.option(
+    "--tasks",
+    default=None,
+    help=f"Zero-shot tasks through lm-evaluation-harness: all, or some of {','.join(TASKS)}.",
+)
+@click.option("--limit", type=int, default=None, help="Only the first N examples of each task (quick look).")
 @click.option("--seqlen", type=int, default=None, help="Window length (default: min(2048, context)).")
 @click.option("--max-windows", type=int, default=None, help="Evaluate only the first K windows (quick look).")
-@click.option("--batch-size", type=int, default=1, show_default=True, help="Windows per forward pass.")
-@click.option("--output", "out", default=None, help="Also write the rows as JSON to this file.")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Windows / requests per forward.")
+@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Harness random seed.")
+@click.option("--report-dir", default=None, help="Write report.json, report.md and report.png here.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --report-dir.")
+@click.option("--output", "out", default=None, help="Also write the perplexity rows as JSON to this file.")
 @device_option
 @dtype_option
 @quiet_option
 @user_errors
 def eval_command(models: tuple[str, ...], out: str | None, quiet: bool, **kw: Any) -> None:
-    """Perplexity of one or more MODELS on the same text, side by side (the first is the reference)."""
-    rows = workflows.evaluate_perplexity(models, progress=not quiet, **kw)
-    reference = rows[0]["perplexity"]
-    first = rows[0]
-    scope = "all" if first["windows"] == first["total_windows"] else f"first {first['windows']} of"
-    click.echo(
-        f"\nperplexity on {first['dataset']}, {scope} {first['total_windows']} windows of {first['seqlen']}"
-    )
-    click.echo(f"{'model':<40} {'method':<10} {'pattern':<8} {'ppl':>10} {'x first':>8}")
-    for row in rows:
+    """Perplexity and zero-shot accuracy of MODELS, side by side (the first is the reference)."""
+    report = evaluate_models(models, progress=not quiet, **kw)
+    rows = [entry["perplexity"] for entry in report["models"] if entry.get("perplexity")]
+    click.echo()
+    if rows:
+        first = rows[0]
+        scope = "all" if first["windows"] == first["total_windows"] else f"first {first['windows']} of"
         click.echo(
-            f"{row['model']:<40} {row['method']:<10} {row['pattern'] or '-':<8} "
-            f"{row['perplexity']:>10.2f} {row['perplexity'] / reference:>8.2f}"
+            f"perplexity on {first['dataset']}, {scope} {first['total_windows']} windows of {first['seqlen']}"
         )
-    if first["windows"] < first["total_windows"]:
-        click.echo("(a quick slice: drop --max-windows for the standard full-test number)")
+    settings = report["settings"]
+    if settings["tasks"]:
+        scope = f"first {settings['limit']} examples of each task" if settings["limit"] else "full sets"
+        click.echo(f"zero-shot acc (%) through lm-evaluation-harness, {scope}, seed {settings['seed']}")
+    click.echo(format_table(report))
+    if (rows and rows[0]["windows"] < rows[0]["total_windows"]) or settings["limit"]:
+        click.echo("(a quick slice: drop --max-windows / --limit for the standard full-test numbers)")
+    if kw.get("report_dir"):
+        click.echo(f"report written to {kw['report_dir']}")
     if out:
         with open(out, "w") as handle:
             json.dump(rows, handle, indent=2)

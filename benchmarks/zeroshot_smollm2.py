@@ -1,0 +1,134 @@
+"""Zero-shot accuracy and WikiText-2 perplexity of dense SmolLM2-135M versus its SparseGPT 2:4 version.
+
+Runs `semisparse.evaluation.jobs.evaluate_models` (what `semisparse eval` runs) on every task of the local
+data mirror and records the numbers, the command, the device and the protocol under benchmarks/results/.
+The sparse model is the output of `make demo`; it is created with the same command when missing.
+
+    python benchmarks/zeroshot_smollm2.py                    # full sets (use a GPU)
+    python benchmarks/zeroshot_smollm2.py --limit 100        # quick CPU look: first 100 examples per task
+    python benchmarks/zeroshot_smollm2.py --render benchmarks/results/zeroshot_smollm2_cpu.json  # tables only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from semisparse.evaluation.comparison import build_report, format_table, write_report
+from semisparse.evaluation.jobs import evaluate_models
+from semisparse.evaluation.zeroshot import mirrored_tasks
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PRUNE = ["--method", "sparsegpt", "--pattern", "2:4", "--nsamples", "32", "--seqlen", "1024"]
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--sparse", default="runs/demo-sparsegpt-2of4")
+    parser.add_argument("--limit", type=int, default=None, help="First N examples per task (default: all).")
+    parser.add_argument("--max-windows", type=int, default=None, help="WikiText-2 windows (default: all).")
+    parser.add_argument("--skip", default="", help="Comma list of mirrored tasks to leave out.")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--name", default=None, help="Result file stem (default: zeroshot_smollm2_<device>).")
+    parser.add_argument("--render", default=None, help="Only re-render the tables of a saved result JSON.")
+    args = parser.parse_args()
+    stem = args.name or f"zeroshot_smollm2_{'gpu' if args.device.startswith('cuda') else 'cpu'}"
+    if args.render:
+        record = json.loads(Path(args.render).read_text())
+        record["report"] = build_report(record["report"]["models"], record["report"]["settings"])
+        write_results(record, Path(args.render).stem)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    sparse = Path(args.sparse)
+    if not (sparse / "config.json").is_file():
+        command = [sys.executable, "-m", "semisparse", "prune", args.model, *PRUNE, "-o", str(sparse)]
+        subprocess.run([*command, "--device", args.device, "--quiet"], check=True)
+
+    start = time.perf_counter()
+    report = evaluate_models(
+        [args.model, str(sparse)],
+        ppl="wikitext2",
+        tasks=[task for task in mirrored_tasks() if task not in args.skip.split(",")],
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_windows=args.max_windows,
+        device=args.device,
+        progress=False,
+    )
+    record = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": device_name(args.device),
+        "date": time.strftime("%Y-%m-%d"),
+        "model": args.model,
+        "sparse": str(sparse),
+        "limit": args.limit,
+        "skipped": [task for task in args.skip.split(",") if task],
+        "seconds_all_models": round(time.perf_counter() - start, 1),
+        "report": report,
+    }
+    write_results(record, stem)
+
+
+def write_results(record: dict, stem: str) -> None:
+    """The record as JSON, the full report (Markdown, chart) beside it, and the README table."""
+    report = record["report"]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_report(report, RESULTS / f"{stem}_report", overwrite=True)
+    ppl = report["data"]["perplexity"]
+    limit = record["limit"]
+    scope = f"first {limit} examples of each task" if limit else "full evaluation sets"
+    lines = [
+        "# SmolLM2-135M: dense vs SparseGPT 2:4, zero-shot (lm-evaluation-harness) and WikiText-2 perplexity",
+        "",
+        f"- command: `{record['command']}`",
+        f"- device: {record['device']}, {record['date']}; {record['seconds_all_models']} s for both models",
+        f"- zero-shot: {scope}, 0-shot, seed {report['settings']['seed']}, "
+        f"lm-eval {report['settings']['lm_eval_version']}; left out: tasks not in the data mirror"
+        + "".join(f", {task} (--skip)" for task in record.get("skipped", [])),
+        f"- perplexity: WikiText-2 test, {ppl['windows']} of {ppl['total_windows']} windows "
+        f"of {ppl['seqlen']} tokens",
+        f"- sparse model: `{record['sparse']}` (`semisparse prune {record['model']} {' '.join(PRUNE)}`)",
+        "- accuracies in percent; mean = mean acc over the tasks; Δ = model − dense; ×ppl = ratio to dense; "
+        f"each accuracy's standard error is up to {100 * _largest_stderr(report):.1f} points",
+        "",
+        format_table(report, markdown=True),
+        "",
+        f"Data files, hashes and provenance: `{stem}_report/report.md`.",
+    ]
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _largest_stderr(report: dict) -> float:
+    return max(
+        value
+        for entry in report["models"]
+        for score in entry.get("zeroshot", {}).values()
+        for key, value in score["metrics"].items()
+        if key in ("acc_stderr", "acc_norm_stderr")
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Zero-shot evaluation through lm-evaluation-harness on the local data mirror, with tiny random models.
+
+The harness is run for real (its prompts and metrics); only the data location and the model are ours.
+Tasks that the mirror holds are checked against the mirror's pinned SHA256SUMS, so a silent fallback to
+the Hub (or to another file) would fail here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import huggingface_hub
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_tiny_model, make_tiny_tokenizer
+from torch import nn
+
+from semisparse.cli import main
+from semisparse.data import data_dir
+from semisparse.errors import SemisparseError
+from semisparse.evaluation import zeroshot
+from semisparse.evaluation.jobs import evaluate_models
+from semisparse.evaluation.zeroshot import TASKS, evaluate_zeroshot, load_tasks, mirrored_tasks, parse_tasks
+from semisparse.export import provenance, save_model_dir
+
+LIMIT = 3
+MIRROR = data_dir()
+needs_mirror = pytest.mark.skipif(MIRROR is None, reason="the local data mirror is not available")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning makes them crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Hub access: `datasets` and `huggingface_hub` refuse to reach the network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def mirrored() -> zeroshot.ZeroShotTasks:
+    return load_tasks(mirrored_tasks())
+
+
+def _pinned_hashes() -> dict[str, str]:
+    lines = (MIRROR / "SHA256SUMS").read_text().splitlines()
+    return {name.removeprefix("./"): digest for digest, name in (line.split() for line in lines if line)}
+
+
+def test_parse_tasks() -> None:
+    assert parse_tasks("all") == list(TASKS)
+    assert parse_tasks(" rte, boolq ,rte") == ["rte", "boolq"]
+    assert parse_tasks(None) == []
+    with pytest.raises(SemisparseError, match="unknown task 'mmlu'"):
+        parse_tasks("boolq,mmlu")
+
+
+@pytest.mark.parametrize(("limit", "batch_size", "flag"), [(0, 1, "--limit 0"), (None, 0, "batch size 0")])
+def test_bad_limit_or_batch_size(limit, batch_size, flag) -> None:
+    with pytest.raises(SemisparseError, match=flag):
+        evaluate_zeroshot(make_tiny_model("llama"), make_tiny_tokenizer(), ["rte"], limit, batch_size)
+
+
+@needs_mirror
+def test_every_mirrored_task_reads_the_mirror_file(mirrored: zeroshot.ZeroShotTasks) -> None:
+    assert {"boolq", "rte", "hellaswag", "winogrande", "arc_easy", "piqa", "lambada_openai"} <= set(
+        mirrored.tasks
+    )
+    pinned = _pinned_hashes()
+    for name, data in mirrored.data.items():
+        assert data.source == "mirror", name
+        assert data.sha256 == pinned[data.file], name
+        expected_rows = sum(1 for line in (MIRROR / data.file).open() if line.strip())
+        assert data.n_total == expected_rows == len(mirrored.tasks[name].eval_docs), name
+
+
+@needs_mirror
+def test_every_mirrored_task_produces_a_score(mirrored: zeroshot.ZeroShotTasks) -> None:
+    scores = evaluate_zeroshot(make_tiny_model("llama"), make_tiny_tokenizer(), mirrored, limit=LIMIT)
+    assert [score.task for score in scores] == list(mirrored.tasks)
+    with_norm = {"hellaswag", "arc_easy", "arc_challenge", "openbookqa", "piqa"}
+    for score in scores:
+        assert score.n_examples == LIMIT
+        assert score.data is mirrored.data[score.task]
+        # acc is a mean over LIMIT examples of 0/1 outcomes
+        assert round(score.metrics["acc"] * LIMIT, 6) in range(LIMIT + 1), score
+        assert ("acc_norm" in score.metrics) == (score.task in with_norm), score
+    lambada = next(score for score in scores if score.task == "lambada_openai")
+    assert lambada.metrics["perplexity"] > 1
+
+
+def test_tasks_read_a_mirror_of_our_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline) -> None:
+    rows = [
+        {"question": "is the sky blue", "passage": "The sky is blue.", "idx": 0, "label": 1},
+        {"question": "is fire cold", "passage": "Fire is hot.", "idx": 1, "label": 0},
+    ]
+    folder = tmp_path / "aps" / "super_glue" / "boolq"
+    folder.mkdir(parents=True)
+    (folder / "validation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    monkeypatch.setenv("SEMISPARSE_DATA_DIR", str(tmp_path))
+    built = load_tasks(["boolq"])
+    data = built.data["boolq"]
+    assert (data.file, data.n_total, data.split) == ("aps/super_glue/boolq/validation.jsonl", 2, "validation")
+    assert [doc["question"] for doc in built.tasks["boolq"].eval_docs] == [r["question"] for r in rows]
+    [score] = evaluate_zeroshot(make_tiny_model("llama"), make_tiny_tokenizer(), built)
+    assert score.n_examples == 2
+
+
+def test_missing_task_file_offline_is_one_clear_line(tmp_path: Path, monkeypatch, offline) -> None:
+    monkeypatch.setenv("SEMISPARSE_DATA_DIR", str(tmp_path))
+    with pytest.raises(SemisparseError) as caught:
+        load_tasks(["rte"])
+    message = str(caught.value)
+    assert "'rte'" in message and str(tmp_path / "nyu-mll/glue/rte/validation.jsonl") in message
+    assert "\n" not in message
+
+    model_dir = tmp_path / "model"
+    save_model_dir(make_tiny_model("llama"), make_tiny_tokenizer(), model_dir, provenance(method="dense"))
+    result = CliRunner().invoke(main, ["eval", str(model_dir), "--ppl", "none", "--tasks", "rte", "--quiet"])
+    assert result.exit_code == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: data of task 'rte'")
+
+
+class MaskedLinear(nn.Module):
+    """A stand-in for a custom sparse layer: keeps the dense weight and multiplies by a mask in forward."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.register_buffer("mask", torch.rand_like(linear.weight) > 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight * self.mask, self.bias)
+
+
+@needs_mirror
+def test_same_scores_from_object_and_saved_directory(tmp_path: Path, mirrored) -> None:
+    tasks = zeroshot.ZeroShotTasks(
+        {name: mirrored.tasks[name] for name in ("winogrande", "lambada_openai")},
+        {name: mirrored.data[name] for name in ("winogrande", "lambada_openai")},
+    )
+    model, tokenizer = make_tiny_model("llama"), make_tiny_tokenizer()
+    torch.manual_seed(0)
+    for name, module in list(model.named_modules()):
+        if name.endswith("mlp.up_proj"):
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            parent.up_proj = MaskedLinear(module)
+    model.train()
+    from_object = evaluate_zeroshot(model, tokenizer, tasks, limit=LIMIT)
+    assert model.training, "the model must come back in the mode it was passed in"
+
+    # The same function as plain Linear layers holding W * mask, saved and loaded back by the CLI's job.
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MaskedLinear):
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            plain = nn.Linear(module.weight.shape[1], module.weight.shape[0], bias=False)
+            plain.weight = nn.Parameter((module.weight * module.mask).detach())
+            parent.up_proj = plain
+    save_model_dir(model.eval(), tokenizer, tmp_path / "saved", provenance(method="test"))
+    report = evaluate_models([str(tmp_path / "saved")], ppl=None, tasks=list(tasks.tasks), limit=LIMIT)
+    from_directory = report["models"][0]["zeroshot"]
+    assert {s.task: s.metrics for s in from_object} == {t: s["metrics"] for t, s in from_directory.items()}
+
+    other = evaluate_zeroshot(make_tiny_model("llama", seed=1), tokenizer, tasks, limit=LIMIT)
+    assert other[1].metrics["perplexity"] != from_object[1].metrics["perplexity"]
