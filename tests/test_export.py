@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 
@@ -62,3 +64,13 @@ def test_metadata_round_trip_and_corrupt_file(tmp_path):
     (tmp_path / "semisparse.json").write_text("{not json")
     with pytest.raises(SemisparseError, match="not valid JSON"):
         read_metadata(tmp_path)
+
+
+def test_output_directory_gets_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out", overwrite=False):
+            pass
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755

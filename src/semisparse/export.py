@@ -44,6 +44,9 @@ def atomic_directory(out: str | Path, overwrite: bool) -> Iterator[Path]:
     final = ensure_output_available(out, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should get the usual permissions
     try:
         yield tmp
     except BaseException:

@@ -208,12 +208,23 @@ def _load_error(name_or_path: str, err: Exception) -> SemisparseError:
 def load_model(
     name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> PreTrainedModel:
-    """Load a causal LM in eval mode (pruning and evaluation never want dropout)."""
+    """Load a causal LM in eval mode (pruning and evaluation never want dropout).
+
+    A directory semisparse wrote with a kept SLoRB branch (`slorb.safetensors`) gets the branch back; a
+    compressed 2:4 checkpoint (`semisparse compress`) is expanded to ordinary weights.
+    """
+    from semisparse.compressed import is_compressed_dir, load_compressed  # both import this module
+    from semisparse.sparse.swap import attach_saved_slorb
+
     path = resolve_model_path(name_or_path)
+    if is_compressed_dir(path):
+        return load_compressed(path, dtype=dtype, device=device).eval()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as err:
         raise _load_error(name_or_path, err) from err
+    if Path(path).is_dir():
+        attach_saved_slorb(model, path)
     return model.to(device).eval()
 
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import click
 from transformers.utils import logging as hf_logging
 
+from semisparse.cli.bench import bench_command
 from semisparse.cli.evaluate import eval_command
+from semisparse.cli.masks import apply_mask_command, export_mask_command
 from semisparse.cli.prune import info_command, prune_command
+from semisparse.cli.quantize import compress_command, decompress_command, quantize_command
+from semisparse.cli.train import train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,3 +23,10 @@ def main() -> None:
 main.add_command(prune_command)
 main.add_command(info_command)
 main.add_command(eval_command)
+main.add_command(quantize_command)
+main.add_command(compress_command)
+main.add_command(decompress_command)
+main.add_command(apply_mask_command)
+main.add_command(export_mask_command)
+main.add_command(train)
+main.add_command(bench_command)
