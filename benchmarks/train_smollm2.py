@@ -5,7 +5,8 @@ own `semisparse train` process on the Wikipedia sample, and is then evaluated wi
 one-shot starting point on the same WikiText-2 token stream. The perplexity-vs-tokens curve comes from each
 run's `metrics.jsonl`. Results go to benchmarks/results/ as JSON and Markdown with the command and device.
 
-Variants: `ast-boosted` (AST with SLoRB, adaptive mask, distillation, annealed SR-STE), `ast` (no SLoRB),
+Variants: `ast-boosted` (AST with SLoRB, adaptive mask, distillation, annealed SR-STE), `ast-boosted-zeros`
+(the same with SLoRB's S starting at zero, so training starts from the one-shot model), `ast` (no SLoRB),
 `naive` (fixed mask, no distillation, no decay: plain retraining of the kept weights), `maskllm` (learned
 mask on the frozen dense weights, SparseGPT prior), `maskllm-noprior`, `maskllm-noreg`, `joint` (MaskLLM
 that also trains the kept weights with AST's distillation loss).
@@ -32,6 +33,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ast-boosted": ("ast", ["slorb=true"]),
+    "ast-boosted-zeros": ("ast", ["slorb=true", "slorb_init=zeros"]),
     "ast": ("ast", []),
     "naive": ("ast", ["mask_update_every=0", "alpha_task=1", "alpha_kl=0", "decay_lambda=0"]),
     "maskllm": ("maskllm", []),
