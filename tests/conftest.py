@@ -113,3 +113,34 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """The tiny tokenizer; EOS is "<eos>" and every id is below the tiny models' vocab size."""
     return make_tiny_tokenizer()
+
+
+# Fixtures shared by several test files.
+
+
+@pytest.fixture
+def dense_dir(tmp_path):
+    path = tmp_path / "dense"
+    make_tiny_model("llama").save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(f"word{i % 97} the sparse model number {i}." for i in range(600)))
+    return path
+
+
+@pytest.fixture
+def one_process_mesh(tmp_path):
+    """A 1-process gloo mesh: enough for DTensor (FSDP2's parameter type) code paths on CPU."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()

@@ -21,21 +21,6 @@ from semisparse.sparse import SLORB_FILE, attach_saved_slorb, sparse_layers
 OPTIM = SimpleNamespace(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
-@pytest.fixture
-def dense_dir(tmp_path):
-    path = tmp_path / "dense"
-    make_tiny_model("llama").save_pretrained(path)
-    make_tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text(" ".join(f"word{i % 97} the sparse model number {i}." for i in range(600)))
-    return path
-
-
 def settings(calib_file, **overrides):
     base = {"calibration": str(calib_file), "calibration_nsamples": 4, "calibration_seqlen": 32}
     return ASTSettings(**(base | overrides))

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ARCHS, make_tiny_model, make_tiny_tokenizer
+from conftest import ARCHS, make_tiny_model
 from transformers import AutoModelForCausalLM
 
 from semisparse import nm
@@ -13,21 +13,6 @@ from semisparse.cli import main
 from semisparse.export import provenance, save_model_dir
 from semisparse.models import find_targets, weight_matrix
 from semisparse.pruning import prune
-
-
-@pytest.fixture
-def dense_dir(tmp_path):
-    path = tmp_path / "dense"
-    make_tiny_model("llama").save_pretrained(path)
-    make_tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text(" ".join(f"word{i % 97} the sparse model number {i}." for i in range(600)))
-    return path
 
 
 def run(*args):

@@ -29,13 +29,6 @@ def sparse_dir(tmp_path: Path) -> Path:
     return save_model_dir(model, make_tiny_tokenizer(), tmp_path / "sparse", meta)
 
 
-@pytest.fixture
-def calib_file(tmp_path: Path) -> Path:
-    path = tmp_path / "calib.txt"
-    path.write_text(" ".join(f"word{i % 97} the sparse model number {i}." for i in range(600)))
-    return path
-
-
 def run(*args: object) -> tuple[int, str, str]:
     result = CliRunner().invoke(main, [str(a) for a in args])
     return result.exit_code, result.output, result.stderr

@@ -138,19 +138,6 @@ def test_annealed_decay_without_warmup_and_bad_values():
         annealed_decay(1, -1.0, 10)
 
 
-@pytest.fixture
-def one_process_mesh(tmp_path):
-    """A 1-process gloo mesh: enough for DTensor (FSDP2's parameter type) code paths on CPU."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_row_sharded_dtensor_parameters_step_like_plain_ones(one_process_mesh):
     from torch.distributed.tensor import Shard, distribute_tensor
 
