@@ -20,10 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import RESULTS
 
 from semisparse.nm import nm_mask
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:

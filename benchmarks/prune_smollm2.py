@@ -12,25 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def semisparse(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "semisparse", *args], check=True)
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+from common import RESULTS, device_name, semisparse
 
 
 def main() -> None:

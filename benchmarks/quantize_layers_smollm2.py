@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-from pathlib import Path
 
 import torch
+from common import RESULTS
 
 from semisparse import nm
 from semisparse.data import calibration_ids
 from semisparse.models import decoder_blocks, find_targets, load_model, load_tokenizer, weight_matrix
 from semisparse.quantization import gptq_quantize_weight, rtn_quantize
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:

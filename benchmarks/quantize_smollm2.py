@@ -13,30 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS, device_name, semisparse
 
 VARIANTS = {
     "gptq-int4-g128": ["--bits", "4", "--method", "gptq", "--group-size", "128"],
     "rtn-int4-g128": ["--bits", "4", "--method", "rtn", "--group-size", "128"],
     "rtn-int8-channel": ["--bits", "8", "--method", "rtn", "--per-channel"],
 }
-
-
-def semisparse(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "semisparse", *args], check=True)
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def main() -> None:

@@ -12,15 +12,14 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
+
+from common import RESULTS
 
 from semisparse.data import wikitext2_test_text
 from semisparse.evaluation.perplexity import perplexity, tokenize_text
 from semisparse.methods.ast import ASTMethod, ASTSettings
 from semisparse.models import load_tokenizer
 from semisparse.sparse.slorb import SLORB_INITS
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:

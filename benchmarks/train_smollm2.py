@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS, device_name, semisparse, semisparse_command
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ast-boosted": ("ast", ["slorb=true"]),
@@ -41,16 +39,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "maskllm-noreg": ("maskllm", ["reg_start=0"]),
     "joint": ("maskllm", ["train_weights=true", "distill=true"]),
 }
-
-
-def semisparse_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "semisparse", *args]
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def train_command(args: argparse.Namespace, name: str, masks_file: Path) -> list[str]:
@@ -163,13 +151,11 @@ def main() -> None:
             "--device",
             args.device,
         ]
-        subprocess.run(semisparse_command("prune", args.model, *prune), check=True)
+        semisparse("prune", args.model, *prune)
     masks_file = args.work_dir / "sparsegpt-masks.npz"
     if not masks_file.is_file():
         args.work_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            semisparse_command("export-mask", str(args.init_dir), "-o", str(masks_file)), check=True
-        )
+        semisparse("export-mask", str(args.init_dir), "-o", str(masks_file))
 
     commands = {name: train_command(args, name, masks_file) for name in names}
     threads = max(1, (os.cpu_count() or 1) // args.parallel)

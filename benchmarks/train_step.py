@@ -26,13 +26,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from common import RESULTS
 
 from semisparse.maskllm import memory_per_weight
 from semisparse.methods.ast import ASTMethod, ASTSettings
 from semisparse.methods.dense import DenseMethod, DenseSettings
 from semisparse.methods.maskllm import MaskLLMMethod, MaskLLMSettings
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _sync(device: str) -> None:

@@ -13,26 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import RESULTS, device_name, semisparse
 
 from semisparse.evaluation.comparison import build_report, format_table, write_report
 from semisparse.evaluation.jobs import evaluate_models
 from semisparse.evaluation.zeroshot import mirrored_tasks
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PRUNE = ["--method", "sparsegpt", "--pattern", "2:4", "--nsamples", "32", "--seqlen", "1024"]
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def main() -> None:
@@ -61,8 +53,7 @@ def main() -> None:
 
     sparse = Path(args.sparse)
     if not (sparse / "config.json").is_file():
-        command = [sys.executable, "-m", "semisparse", "prune", args.model, *PRUNE, "-o", str(sparse)]
-        subprocess.run([*command, "--device", args.device, "--quiet"], check=True)
+        semisparse("prune", args.model, *PRUNE, "-o", str(sparse), "--device", args.device, "--quiet")
 
     start = time.perf_counter()
     report = evaluate_models(
