@@ -70,3 +70,38 @@ def test_layerwise_loss_hand_computed_and_zero_on_equal_states():
     # layer 1: mean((0, -2)^2) / mean(1, 16) = 2 / 8.5; layer 2: mean(9, 1) / mean(9, 1) = 1
     assert layerwise_loss(student, teacher).item() == pytest.approx(2 / 8.5 + 1.0)
     assert layerwise_loss(teacher, teacher).item() == 0.0
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gradient_matches_autograd_through_the_formula_and_inputs_stay_untouched(batch, monkeypatch):
+    import torch.nn.functional as F
+
+    import semisparse.training.distill as distill
+
+    monkeypatch.setattr(distill, "CHUNK_ROWS", 2)  # several chunks per sequence, one of them partial
+    torch.manual_seed(2)
+    student = torch.randn(batch, 6, 13, requires_grad=True)
+    teacher = torch.randn(batch, 6, 13)
+    ids = torch.randint(0, 13, (batch, 6))
+    before = student.detach().clone(), teacher.clone()
+    loss, _ = distillation_loss(student, teacher, ids, 0.33, 0.67, 2.0)
+    (2.5 * loss).backward()
+    assert torch.equal(student.detach(), before[0]) and torch.equal(teacher, before[1])
+
+    reference = student.detach().clone().requires_grad_(True)
+    s = reference[:, :-1].reshape(-1, 13)
+    t = teacher[:, :-1].reshape(-1, 13)
+    ce = F.cross_entropy(s, ids[:, 1:].reshape(-1))
+    kl = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="batchmean")
+    expected = 0.33 * ce + 0.67 * 4 * kl
+    (2.5 * expected).backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(student.grad, reference.grad)
+
+
+def test_backpropagating_twice_is_a_clear_error():
+    student = torch.randn(1, 3, 5, requires_grad=True)
+    loss, _ = distillation_loss(student, None, torch.zeros(1, 3, dtype=torch.long), 1.0, 0.0)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already backpropagated"):
+        loss.backward()

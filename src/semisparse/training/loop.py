@@ -44,6 +44,7 @@ from semisparse.training import checkpoint, distributed
 from semisparse.training.config import TrainConfig
 from semisparse.training.corpus import PackedSequences, load_token_stream, resolve_corpus
 from semisparse.training.metrics import MetricsLog, memory_bytes
+from semisparse.training.optim import adamw
 from semisparse.training.schedule import make_scheduler
 
 CONFIG_FILE = "config.yaml"
@@ -83,9 +84,7 @@ class TrainingInterrupted(SemisparseError):
 
 def default_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW with the config's lr, betas, eps and weight decay (a group's own values take precedence)."""
-    return torch.optim.AdamW(
-        groups, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
-    )
+    return adamw(groups, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
 
 
 def launch(

@@ -15,14 +15,14 @@ place. `λ_t` lives in each param group (`srste_decay`), so it travels with `sta
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from semisparse.sparse.linear import as_multiplier
 
 DECAY_KEY = "srste_decay"
 
@@ -85,14 +85,13 @@ class SRSTEAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """One update; parameters sharing a step count and kind are updated together with foreach
-        kernels (a per-tensor loop would launch a dozen kernels per parameter)."""
+        """One update, parameter by parameter through torch's fused AdamW kernel: each parameter's few
+        passes then stay in cache, which on CPU is ~4x faster than list-wide foreach kernels."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            buckets: dict[tuple[int, bool], _Bucket] = {}
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -105,42 +104,47 @@ class SRSTEAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["step"] += 1
                 mask = self.masks.get(param)
-                bucket = buckets.setdefault((state["step"], mask is not None), _Bucket())
-                bucket.params.append(param)
-                bucket.grads.append(param.grad)
-                bucket.exp_avgs.append(state["exp_avg"])
-                bucket.exp_avg_sqs.append(state["exp_avg_sq"])
+                tensors = [param, param.grad, state["exp_avg"], state["exp_avg_sq"]]
                 if mask is not None:
-                    bucket.masks.append(_mask_like(mask, param))
-            for (step, _), bucket in buckets.items():
-                _update(group, step, bucket)
+                    tensors.append(_mask_like(mask, param))
+                _update(group, state["step"], *(_local(tensor) for tensor in tensors))
         return loss
 
 
-@dataclass
-class _Bucket:
-    params: list[Tensor] = field(default_factory=list)
-    grads: list[Tensor] = field(default_factory=list)
-    exp_avgs: list[Tensor] = field(default_factory=list)
-    exp_avg_sqs: list[Tensor] = field(default_factory=list)
-    masks: list[Tensor] = field(default_factory=list)
+def _local(tensor: Tensor) -> Tensor:
+    """A DTensor's local shard: a parameter's tensors share its placement and the update is elementwise."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def _update(group: dict[str, Any], step: int, b: _Bucket) -> None:
-    """AdamW for a bucket of parameters at the same step; with masks, the SR-STE variant."""
+def _update(
+    group: dict[str, Any],
+    step: int,
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    mask: Tensor | None = None,
+) -> None:
+    """AdamW on one parameter; with a mask, the SR-STE variant.
+
+    The SR-STE update is AdamW with β1 = 0 applied to `u` (its "gradient" and first moment are both `u`)
+    at step size lr / (1 - β1ᵗ), so the fused kernel computes it after `m1` and `u` are formed here.
+    """
     lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-    torch._foreach_mul_(b.params, 1 - lr * group["weight_decay"])
-    torch._foreach_lerp_(b.exp_avgs, b.grads, 1 - beta1)
-    if b.masks:
-        updates = [param.masked_fill(mask, 0) for param, mask in zip(b.params, b.masks, strict=True)]
-        torch._foreach_mul_(updates, group[DECAY_KEY])
-        torch._foreach_add_(updates, b.exp_avgs)
-        second = updates
-    else:
-        updates, second = b.exp_avgs, b.grads
-    torch._foreach_mul_(b.exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(b.exp_avg_sqs, second, second, value=1 - beta2)
-    denom = torch._foreach_sqrt(b.exp_avg_sqs)
-    torch._foreach_div_(denom, math.sqrt(1 - beta2**step))
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(b.params, updates, denom, value=-lr / (1 - beta1**step))
+    steps = [torch.tensor(float(step), dtype=torch.float32, device=param.device)]
+    if mask is None:
+        torch._fused_adamw_(
+            [param], [grad], [exp_avg], [exp_avg_sq], [], steps,
+            lr=lr, beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=eps,
+            amsgrad=False, maximize=False,
+        )  # fmt: skip
+        return
+    if group["weight_decay"]:
+        param.mul_(1 - lr * group["weight_decay"])
+    exp_avg.lerp_(grad, 1 - beta1)
+    update = torch.addcmul(exp_avg, param, as_multiplier(~mask, param.dtype), value=group[DECAY_KEY])
+    torch._fused_adamw_(
+        [param], [update], [update], [exp_avg_sq], [], steps,
+        lr=lr / (1 - beta1**step), beta1=0.0, beta2=beta2, weight_decay=0.0, eps=eps,
+        amsgrad=False, maximize=False,
+    )  # fmt: skip
