@@ -23,7 +23,7 @@ from semisparse.maskllm import (
     set_schedule,
 )
 from semisparse.maskllm.prior import one_shot_masks
-from semisparse.methods.maskllm import MaskLLMMethod, MaskLLMSettings
+from semisparse.methods.maskllm import FLIP_EVERY, MaskLLMMethod, MaskLLMSettings
 from semisparse.models import find_targets, weight_matrix
 from semisparse.nm import NMPattern
 
@@ -91,7 +91,7 @@ def test_regulariser_is_the_sampled_masked_weight_norm_and_its_gradient_favours_
     torch.manual_seed(0)
     model(x)
     torch.manual_seed(0)
-    mask = model.proj.sample_mask()[0].detach()
+    mask = model.proj.sample_mask().detach()
     reg = regulariser(model)
     torch.testing.assert_close(reg, (weight * mask).square().sum())
     lam = 1e-2
@@ -161,7 +161,11 @@ def test_a_few_optimisation_steps_lower_the_loss_and_leave_the_weights_frozen(mo
     assert all(torch.equal(state[k], v) for k, v in frozen.items())
     logits = {id(layer.logits) for layer in learnable_layers(method.model).values()}
     assert {id(p) for p in optimizer.state} == logits
-    assert all(0 <= row["flip_vs_prior"] <= 1 and 1 / 6 <= row["mean_max_prob"] <= 1 for row in rows)
+    assert all(1 / 6 <= row["mean_max_prob"] <= 1 for row in rows)
+    flips = [step for step, row in enumerate(rows) if "flip_vs_prior" in row]
+    assert flips == [FLIP_EVERY - 1, TOTAL_STEPS - 1] and all(
+        0 <= rows[s]["flip_vs_prior"] <= 1 for s in flips
+    )
     assert rows[-1]["mean_max_prob"] > rows[0]["mean_max_prob"]
     assert rows[-1]["tau"] == pytest.approx(0.05)
 
@@ -179,7 +183,7 @@ def test_state_dict_round_trip_restores_the_run(model_dir, tmp_path):
     assert resumed.prior_info == method.prior_info
     for name, index in method.prior_indices.items():
         assert torch.equal(resumed.prior_indices[name], index)
-    restored, original = resumed.after_step(3), method.after_step(3)
+    restored, original = resumed.after_step(FLIP_EVERY - 1), method.after_step(FLIP_EVERY - 1)
     assert math.isnan(restored.pop("mean_max_prob"))  # no sample drawn yet after a resume
     original.pop("mean_max_prob")
     assert restored == original
@@ -248,7 +252,7 @@ def test_prior_mask_file_is_the_transfer_prior(model_dir, tmp_path):
     assert method.prior_info["source"] == "mask_file"
     for name, mask in final_masks(method.model).items():
         assert torch.equal(mask, masks[name])
-    assert method.after_step(0)["flip_vs_prior"] == 0.0
+    assert method.after_step(FLIP_EVERY - 1)["flip_vs_prior"] == 0.0
 
 
 def test_no_prior_starts_from_random_logits(model_dir):
@@ -257,7 +261,7 @@ def test_no_prior_starts_from_random_logits(model_dir):
     magnitude = one_shot_masks(AutoModelForCausalLM.from_pretrained(model_dir), "magnitude", NMPattern(2, 4))
     agree = np.mean([bool(torch.equal(m, magnitude[n])) for n, m in final_masks(method.model).items()])
     assert agree == 0.0
-    assert method.after_step(0)["flip_vs_prior"] == 0.0
+    assert method.after_step(FLIP_EVERY - 1)["flip_vs_prior"] == 0.0
 
 
 def test_joint_mode_trains_weights_with_distillation(model_dir):

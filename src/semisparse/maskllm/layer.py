@@ -1,10 +1,10 @@
 """A linear layer whose N:M mask is learned: one categorical distribution over candidates per group.
 
 The dense weight stays frozen (kept in the `nn.Linear` [out, in] layout even for GPT-2's Conv1D, so groups
-always run along the last dim); only the fp32 logits `[out, in/M, C(M, N)]` train. Training forwards draw
-a Gumbel-softmax sample `y = softmax((κ·π + g) / τ)` and use the soft mask `M̃ = y @ S` (values in [0, 1],
-each group summing to N); `hard` forwards the one-hot sample with the soft gradient. Evaluation forwards
-use the argmax candidate, i.e. the mask that will ship.
+always run along the last dim); only the fp32 logits `[out, in/M, C(M, N)]` train (stored candidate-major,
+see `gumbel`). Training forwards draw a Gumbel-softmax sample `y = softmax((κ·π + g) / τ)` and use the soft
+mask `M̃ = y @ S` (values in [0, 1], each group summing to N); `hard` forwards the one-hot sample with the
+soft gradient. Evaluation forwards use the argmax candidate, i.e. the mask that will ship.
 """
 
 from __future__ import annotations
@@ -17,21 +17,12 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from semisparse.maskllm.candidates import candidate_count, candidate_masks
+from semisparse.maskllm.gumbel import candidate_major, candidate_major_init, sample_masked_weight
 from semisparse.nm import NMPattern
 
 LOGIT_INIT_STD = 0.01
 
 SourceKind = Literal["linear", "conv1d"]
-
-
-def gumbel_noise(like: Tensor) -> Tensor:
-    """Standard Gumbel samples shaped like `like` (-log E, E ~ Exp(1)), from the global RNG.
-
-    One buffer, updated in place: the noise is as large as the logits (1.5 values per weight for 2:4).
-    E is kept above the smallest normal float so a rare E = 0 cannot turn into an infinite logit.
-    """
-    noise = torch.empty_like(like, dtype=torch.float32).exponential_()
-    return noise.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_()
 
 
 class LearnableMaskLinear(nn.Module):
@@ -62,8 +53,8 @@ class LearnableMaskLinear(nn.Module):
         count = candidate_count(pattern)
         shape = (out_features, in_features // pattern.m, count)
         # Drawn on the weight's device (a 7B model has ~10^10 logits): `generator` must live there too.
-        init = torch.randn(shape, generator=generator, device=weight.device, dtype=torch.float32)
-        self.logits = nn.Parameter(init.mul_(LOGIT_INIT_STD))
+        init = candidate_major_init(*shape, device=weight.device, dtype=torch.float32)
+        self.logits = nn.Parameter(init.normal_(0.0, LOGIT_INIT_STD, generator=generator))
         self.register_buffer("candidates", candidate_masks(pattern).to(weight.device), persistent=False)
         self.tau = 4.0
         self.kappa = 1e2
@@ -90,21 +81,10 @@ class LearnableMaskLinear(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def sample_mask(self) -> tuple[Tensor, Tensor]:
-        """A fresh Gumbel-softmax mask [out, in] (fp32, graph to the logits) and its sample probabilities.
-
-        Runs outside autocast: the mask must stay fp32 so each group sums to N and the tiny logit
-        gradients at low temperature are not rounded away.
-        """
-        with torch.autocast(self.logits.device.type, enabled=False):
-            scores = gumbel_noise(self.logits).add_(self.logits, alpha=self.kappa).div_(self.tau)
-            probs = torch.softmax(scores, dim=-1)
-            weights = probs
-            if self.hard:
-                one_hot = torch.zeros_like(probs).scatter_(-1, probs.argmax(-1, keepdim=True), 1.0)
-                weights = one_hot + (probs - probs.detach())  # exactly one-hot forward
-            mask = weights @ self.candidates
-        return mask.reshape(self.out_features, self.in_features), probs
+    def sample_mask(self) -> Tensor:
+        """A fresh Gumbel-softmax mask [out, in] (fp32, graph to the logits), drawn as a training forward."""
+        ones = torch.ones_like(self.weight, dtype=torch.float32)
+        return sample_masked_weight(ones, self.logits, self.candidates, self.tau, self.kappa, self.hard)[0]
 
     def candidate_index(self) -> Tensor:
         """The argmax candidate of every group, [out, in/M] (int64).
@@ -115,7 +95,7 @@ class LearnableMaskLinear(nn.Module):
         logits = self.logits.detach()
         if hasattr(logits, "full_tensor"):
             logits = logits.full_tensor()
-        return logits.argmax(-1)
+        return candidate_major(logits).max(0).indices.view(logits.shape[:2])
 
     def argmax_mask(self) -> Tensor:
         """The deterministic mask that ships: the argmax candidate per group, bool [out, in]."""
@@ -130,14 +110,9 @@ class LearnableMaskLinear(nn.Module):
         if not self.training:
             weight = self.weight * self.argmax_mask().to(self.weight.dtype)
             return F.linear(x, weight, self.bias)
-        mask, probs = self.sample_mask()
-        frozen = self.weight.detach()
-        masked = frozen * mask.to(self.weight.dtype)
-        self.last_max_probability = probs.detach().amax(-1).mean()
-        self.last_regulariser = masked.float().square().sum()
-        if self.weight.requires_grad:
-            # Joint mode: the weight gets the dense (straight-through) gradient, the mask still gets g ⊙ W.
-            return F.linear(x, masked + (self.weight - frozen), self.bias)
+        masked, self.last_regulariser, self.last_max_probability = sample_masked_weight(
+            self.weight, self.logits, self.candidates, self.tau, self.kappa, self.hard
+        )
         return F.linear(x, masked, self.bias)
 
     def extra_repr(self) -> str:
