@@ -27,7 +27,7 @@ CALIBRATION_SOURCES: dict[str, tuple[str, str | None, str]] = {
     "wikipedia": ("wikipedia-en-sample", None, "train"),
 }
 
-_WIKITEXT2 = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
+WIKITEXT2 = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 _TOKENIZE_BATCH = 64
 # Tokenise only until the stream holds this many times the tokens the windows need: enough variety for
@@ -53,7 +53,8 @@ def data_dir() -> Path | None:
     return None
 
 
-def _mirror_file(path: str, config: str | None, split: str) -> Path | None:
+def mirror_file(path: str, config: str | None, split: str) -> Path | None:
+    """The local mirror's file for a Hugging Face dataset id, config and split, or None if not mirrored."""
     root = data_dir()
     if root is None:
         return None
@@ -65,7 +66,8 @@ def _mirror_file(path: str, config: str | None, split: str) -> Path | None:
     return None
 
 
-def _expected_location(path: str, config: str | None, split: str) -> str:
+def expected_location(path: str, config: str | None, split: str) -> str:
+    """Where the mirror file of a dataset split should be, for "put it here" error messages."""
     root = data_dir()
     relative = "/".join(part for part in (path, config, f"{split}.jsonl") if part)
     return f"{root if root is not None else '$SEMISPARSE_DATA_DIR'}/{relative}"
@@ -93,10 +95,10 @@ def load_rows(path: str, config: str | None, split: str) -> list[dict[str, Any]]
 
     `split` may also be a file stem of the mirror (e.g. the C4 shard name), which the Hub would not know.
     """
-    local = _mirror_file(path, config, split)
+    local = mirror_file(path, config, split)
     if local is not None:
         return list(_iter_jsonl(local))
-    expected = _expected_location(path, config, split)
+    expected = expected_location(path, config, split)
     try:
         import datasets
     except ImportError as err:
@@ -138,7 +140,7 @@ def read_texts(file: str | Path) -> list[str]:
 
 def wikitext2_test_text() -> str:
     """The standard WikiText-2 perplexity text: the raw test rows joined by blank lines."""
-    return "\n\n".join(row["text"] for row in load_rows(*_WIKITEXT2))
+    return "\n\n".join(row["text"] for row in load_rows(*WIKITEXT2))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -154,10 +156,10 @@ def _calibration_file(source: str) -> tuple[Path, str]:
     """The file behind a calibration source, and the name to record for it in provenance."""
     if source in CALIBRATION_SOURCES:
         path, config, stem = CALIBRATION_SOURCES[source]
-        local = _mirror_file(path, config, stem)
+        local = mirror_file(path, config, stem)
         if local is None:
             raise SemisparseError(
-                f"calibration source '{source}' needs {_expected_location(path, config, stem)}; "
+                f"calibration source '{source}' needs {expected_location(path, config, stem)}; "
                 "set SEMISPARSE_DATA_DIR to the data mirror or pass a .txt/.jsonl file"
             )
         root = data_dir()

@@ -11,7 +11,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from semisparse.data import _WIKITEXT2, _mirror_file, data_dir, file_sha256
+from semisparse.data import WIKITEXT2, data_dir, file_sha256, mirror_file
 from semisparse.errors import SemisparseError
 from semisparse.evaluation.comparison import build_report, training_curve, write_report
 from semisparse.evaluation.zeroshot import DEFAULT_SEED, evaluate_zeroshot, load_tasks, parse_tasks
@@ -23,7 +23,7 @@ from semisparse.workflows import default_device, evaluation_text, measured, pars
 def _perplexity_text(dataset: str) -> tuple[str, dict[str, Any]]:
     """The perplexity text and its source; for WikiText-2 also the mirror file and its sha256."""
     text, source = evaluation_text(dataset)
-    local = _mirror_file(*_WIKITEXT2) if dataset == "wikitext2" else None
+    local = mirror_file(*WIKITEXT2) if dataset == "wikitext2" else None
     if local is not None:
         root = data_dir()
         source["file"] = local.relative_to(root).as_posix() if root is not None else str(local)

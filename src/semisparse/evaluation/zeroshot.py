@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from semisparse.data import _expected_location, _mirror_file, data_dir, file_sha256
+from semisparse.data import data_dir, expected_location, file_sha256, mirror_file
 from semisparse.errors import SemisparseError
 
 # The tasks the 2:4 papers report, in their usual table order.
@@ -158,7 +158,7 @@ def _build_task(manager: Any, name: str) -> tuple[Any, TaskData]:
         )
     config = entry.cfg
     path, config_name, split = config["dataset_path"], config.get("dataset_name"), _eval_split(config)
-    local = _mirror_file(path, config_name, split)
+    local = mirror_file(path, config_name, split)
     overrides = {"task": name} if local is None else _mirror_override(name, config, local)
     try:
         with _harness_warnings_muted():
@@ -167,7 +167,7 @@ def _build_task(manager: Any, name: str) -> tuple[Any, TaskData]:
         where = f"in {local} is unreadable" if local else "is neither in the data mirror nor on the Hub"
         raise SemisparseError(
             f"data of task '{name}' {where} ({type(err).__name__}); "
-            f"put its {split} rows at {_expected_location(path, config_name, split)}"
+            f"put its {split} rows at {expected_location(path, config_name, split)}"
         ) from err
     dataset = "/".join(part for part in (path, config_name) if part)
     n_total = len(task.eval_docs)
@@ -185,7 +185,7 @@ def mirrored_tasks(names: Sequence[str] = TASKS) -> list[str]:
     found = []
     for name in parse_tasks(names):
         config = index[name].cfg
-        if _mirror_file(config["dataset_path"], config.get("dataset_name"), _eval_split(config)) is not None:
+        if mirror_file(config["dataset_path"], config.get("dataset_name"), _eval_split(config)) is not None:
             found.append(name)
     return found
 
