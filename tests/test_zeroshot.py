@@ -118,6 +118,23 @@ def test_tasks_read_a_mirror_of_our_own(tmp_path: Path, monkeypatch: pytest.Monk
     assert score.n_examples == 2
 
 
+def test_progress_false_keeps_the_harness_bars_off_stderr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], offline
+) -> None:
+    rows = [{"question": "is fire cold", "passage": "Fire is hot.", "idx": 0, "label": 0}]
+    folder = tmp_path / "aps" / "super_glue" / "boolq"
+    folder.mkdir(parents=True)
+    (folder / "validation.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    monkeypatch.setenv("SEMISPARSE_DATA_DIR", str(tmp_path))
+    built = load_tasks(["boolq"])
+    model, tokenizer = make_tiny_model("llama"), make_tiny_tokenizer()
+    capfd.readouterr()
+    evaluate_zeroshot(model, tokenizer, built, progress=False)
+    assert "it/s" not in capfd.readouterr().err
+    evaluate_zeroshot(model, tokenizer, built, progress=True)
+    assert "it/s" in capfd.readouterr().err
+
+
 def test_missing_task_file_offline_is_one_clear_line(tmp_path: Path, monkeypatch, offline) -> None:
     monkeypatch.setenv("SEMISPARSE_DATA_DIR", str(tmp_path))
     with pytest.raises(SemisparseError) as caught:

@@ -74,7 +74,7 @@ def evaluate_models(
             )
         if harness_tasks is not None:
             with measured(device) as cost:
-                scores = evaluate_zeroshot(model, tokenizer, harness_tasks, limit, batch_size, seed)
+                scores = evaluate_zeroshot(model, tokenizer, harness_tasks, limit, batch_size, seed, progress)
             entry["zeroshot"] = {score.task: score.to_dict() for score in scores}
             entry["zeroshot_seconds"] = round(cost.seconds, 2)
         is_dir = Path(name).expanduser().is_dir()

@@ -10,10 +10,11 @@ exactly as they do everywhere else.
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stderr
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
@@ -213,11 +214,14 @@ def evaluate_zeroshot(
     limit: int | None = None,
     batch_size: int = 1,
     seed: int = DEFAULT_SEED,
+    progress: bool = True,
 ) -> list[TaskScore]:
     """Zero-shot scores of an already-loaded causal LM, one per task, in task order.
 
     `limit` evaluates only the first N examples of each task (a quick look, not a paper number). The model
-    is evaluated in eval mode and handed back in the mode it came in.
+    is evaluated in eval mode and handed back in the mode it came in. The harness has no switch for all
+    of its progress bars, so `progress=False` sends its stderr to a buffer while it runs (errors still
+    raise).
     """
     from lm_eval import evaluator
 
@@ -234,14 +238,16 @@ def evaluate_zeroshot(
     torch.manual_seed(seed)
 
     was_training = model.training
+    quiet = nullcontext() if progress else redirect_stderr(io.StringIO())
     try:
-        results = evaluator.evaluate(
-            lm=_wrap(model, tokenizer, batch_size),
-            task_dict={"tasks": built.tasks},
-            limit=limit,
-            bootstrap_iters=_BOOTSTRAP_ITERS,
-            log_samples=False,
-        )
+        with quiet:
+            results = evaluator.evaluate(
+                lm=_wrap(model, tokenizer, batch_size),
+                task_dict={"tasks": built.tasks},
+                limit=limit,
+                bootstrap_iters=_BOOTSTRAP_ITERS,
+                log_samples=False,
+            )
     finally:
         model.train(was_training)
     return [_score(name, results, built.data[name]) for name in built.tasks]
