@@ -30,7 +30,7 @@ import torch
 from common import RESULTS, device_name, semisparse, semisparse_command
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "ast-boosted": ("ast", ["slorb=true"]),
+    "ast-boosted": ("ast", ["slorb=true", "slorb_init=mean"]),
     "ast-boosted-zeros": ("ast", ["slorb=true", "slorb_init=zeros"]),
     "ast": ("ast", []),
     "naive": ("ast", ["mask_update_every=0", "alpha_task=1", "alpha_kl=0", "decay_lambda=0"]),

@@ -250,3 +250,11 @@ def test_the_training_loop_runs_ast_and_resumes_bit_identically(tmp_path, monkey
         assert torch.equal(expected[key], actual[key]), key
     masks_a, masks_b = np.load(whole / MASKS_FILE), np.load(resumed / MASKS_FILE)
     assert all(np.array_equal(masks_a[k], masks_b[k]) for k in masks_a.files)
+
+
+@pytest.mark.parametrize(
+    ("init", "expected"), [("magnitude", "mean"), ("wanda", "mean"), ("sparsegpt", "zeros"), (".", "zeros")]
+)
+def test_auto_slorb_init_is_mean_for_dense_kept_weights_and_zeros_after_sparsegpt(init, expected):
+    assert ASTSettings(init=init).slorb_init == expected
+    assert ASTSettings(init=init, slorb_init="sum").slorb_init == "sum"
