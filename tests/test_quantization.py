@@ -48,7 +48,7 @@ def test_symmetric_grid_has_no_zero_points_and_midpoint_zero() -> None:
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [16, None])
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "gptq-natural-order"])
 def test_quantized_weights_stay_exactly_24_and_on_the_grid(
     bits: int, group_size: int | None, method: str
 ) -> None:
@@ -56,8 +56,9 @@ def test_quantized_weights_stay_exactly_24_and_on_the_grid(
     if method == "rtn":
         q = rtn_quantize(w, mask, bits, group_size)
     else:
-        x = torch.randn(256, 64)
-        q = gptq_quantize_weight(w, mask, 2 * x.T @ x / 256, bits, group_size, blocksize=32)
+        x = torch.randn(256, 64) * torch.linspace(0.1, 3.0, 64)
+        act_order = method == "gptq"
+        q = gptq_quantize_weight(w, mask, 2 * x.T @ x / 256, bits, group_size, 32, act_order=act_order)
     dense = q.dequantize()
     assert nm.is_nm(dense, 2, 4)
     assert torch.all(dense[~mask] == 0)
@@ -82,9 +83,25 @@ def test_gptq_reconstruction_error_beats_rtn_on_correlated_inputs() -> None:
 
     for bits, group in ((4, 64), (4, None), (8, None)):
         rtn = rtn_quantize(w, mask, bits, group).dequantize()
-        gptq = gptq_quantize_weight(w, mask, hessian, bits, group).dequantize()
-        assert nm.is_nm(gptq, 2, 4)
-        assert error(gptq) < 0.8 * error(rtn)
+        for act_order in (True, False):
+            gptq = gptq_quantize_weight(w, mask, hessian, bits, group, act_order=act_order).dequantize()
+            assert nm.is_nm(gptq, 2, 4)
+            assert error(gptq) < 0.8 * error(rtn)
+
+
+def test_act_order_helps_when_late_inputs_carry_most_of_the_energy() -> None:
+    torch.manual_seed(3)
+    rows, cols, n = 64, 256, 2048
+    x = torch.randn(n, 16) @ torch.randn(16, cols) + 0.1 * torch.randn(n, cols)
+    x[:, -16:] *= 20.0  # outlier features that the natural order would quantize last, uncompensated
+    w, mask = sparse_weight(rows, cols, seed=4)
+    hessian = 2 * x.T @ x / n
+
+    def error(act_order: bool) -> float:
+        q = gptq_quantize_weight(w, mask, hessian, 4, 64, act_order=act_order).dequantize()
+        return float((x @ w.T - x @ q.T).square().sum())
+
+    assert error(True) < 0.7 * error(False)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

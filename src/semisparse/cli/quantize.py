@@ -23,6 +23,12 @@ def _mib(n: int) -> str:
 @click.option("--group-size", type=int, default=128, show_default=True, help="Input columns per scale.")
 @click.option("--per-channel", is_flag=True, help="One scale per output row instead of groups.")
 @click.option("--symmetric", is_flag=True, help="Symmetric grid (no zero points; default asymmetric).")
+@click.option(
+    "--act-order/--no-act-order",
+    default=True,
+    show_default=True,
+    help="GPTQ: quantize columns by decreasing activation energy (static groups).",
+)
 @click.option("--calibration", default="c4", show_default=True, help="GPTQ data: c4, wikipedia or a file.")
 @click.option("--nsamples", type=int, default=128, show_default=True, help="GPTQ calibration windows.")
 @click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per calibration window.")

@@ -56,11 +56,13 @@ def quantize(
     percdamp: float = 0.01,
     device: str | torch.device | None = None,
     progress: bool = True,
+    act_order: bool = True,
 ) -> dict[str, QuantizedWeight]:
     """Quantize the decoder-block linears in place (weights become their dequantized values).
 
     `group_size` counts dense input columns (None: one grid per output row). GPTQ calibrates block by block
-    on `calibration_ids` [n_samples, seqlen] through the same sequential engine as the pruners.
+    on `calibration_ids` [n_samples, seqlen] through the same sequential engine as the pruners; `act_order`
+    sweeps each layer's columns by decreasing Hessian diagonal with static groups (see `gptq`).
     Returns each target's codes and grid, keyed by module name.
     """
     check_settings(bits, group_size, method)
@@ -81,7 +83,9 @@ def quantize(
     quantizers: dict[str, GPTQQuantizer] = {}
 
     def make_quantizer(name: str, module: nn.Module) -> LayerPruner:
-        quantizers[name] = GPTQQuantizer(module, bits, group_size, symmetric, blocksize, percdamp, name)
+        quantizers[name] = GPTQQuantizer(
+            module, bits, group_size, symmetric, blocksize, percdamp, name, act_order
+        )
         return quantizers[name]
 
     run_sequential(model, targets, make_quantizer, calibration_ids, device, progress, f"gptq int{bits}")

@@ -104,6 +104,7 @@ def quantize_to_dir(
     method: str = "gptq",
     group_size: int | None = 128,
     symmetric: bool = False,
+    act_order: bool = True,
     calibration: str = "c4",
     nsamples: int = 128,
     seqlen: int = 2048,
@@ -142,6 +143,7 @@ def quantize_to_dir(
             symmetric,
             device=device,
             progress=progress,
+            act_order=act_order,
         )
     for name, mask in _nonzero_masks(model).items():
         if bool((mask & ~before[name]).any()):
@@ -157,6 +159,8 @@ def quantize_to_dir(
                 f"internal error: {broken[0]} no longer follows {pattern} after quantization"
             )
     settings = {"bits": bits, "group_size": group_size, "method": method, "symmetric": symmetric}
+    if method == "gptq":
+        settings["act_order"] = act_order
     metadata = provenance(
         **{k: v for k, v in source.items() if k not in _OWN_KEYS},
         source_model=str(model_dir),
