@@ -9,7 +9,8 @@ Variants: `ast-boosted` (AST with SLoRB, adaptive mask, distillation, annealed S
 (the same with SLoRB's S starting at zero, so training starts from the one-shot model), `ast` (no SLoRB),
 `naive` (fixed mask, no distillation, no decay: plain retraining of the kept weights), `maskllm` (learned
 mask on the frozen dense weights, SparseGPT prior), `maskllm-noprior`, `maskllm-noreg`, `joint` (MaskLLM
-that also trains the kept weights with AST's distillation loss).
+that also trains the kept weights with AST's distillation loss, at MaskLLM's default `weight_lr`) and
+`joint-ast-lr` (the same with the weights at the AST runs' learning rate, `--lr-ast`).
 
     python benchmarks/train_smollm2.py --tokens 100M                          # GPU protocol
     python benchmarks/train_smollm2.py --tokens 48k --seq-len 512 --micro-batch 2 --max-windows 16 \\
@@ -38,6 +39,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "maskllm-noprior": ("maskllm", ["prior=none", "alpha=0"]),
     "maskllm-noreg": ("maskllm", ["reg_start=0"]),
     "joint": ("maskllm", ["train_weights=true", "distill=true"]),
+    "joint-ast-lr": ("maskllm", ["train_weights=true", "distill=true"]),  # weight_lr = --lr-ast
 }
 
 
@@ -48,6 +50,8 @@ def train_command(args: argparse.Namespace, name: str, masks_file: Path) -> list
         settings.append(f"init={args.init_dir}")
     else:
         settings.append(f"lr={args.lr_maskllm}")  # MaskLLM's logits have their own learning rate
+        if name == "joint-ast-lr":
+            settings.append(f"weight_lr={args.lr_ast}")  # the weights move as fast as in the AST runs
         if "prior=none" not in settings:
             settings.append(f"prior_mask={masks_file}")
     flags = {

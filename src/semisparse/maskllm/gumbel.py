@@ -68,7 +68,7 @@ class _GumbelMaskedWeight(torch.autograd.Function):
             probs = sample_probabilities(logits, tau, kappa)
             mask = candidates[probs.max(0).indices] if hard else (candidates.t() @ probs).t()
             groups = weight.reshape(mask.shape)
-            masked = (groups * mask.to(weight.dtype)).view(weight.shape)
+            masked = (groups * mask.to(weight.dtype)).reshape(weight.shape)
             flat = masked.reshape(-1).float()
             regulariser = flat.dot(flat)
             max_probability = probs.amax(0).mean()
