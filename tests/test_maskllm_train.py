@@ -78,6 +78,29 @@ def test_interrupted_and_resumed_maskllm_run_is_bit_identical(setup):
     assert "flip_vs_prior" in train_rows[-1]
 
 
+def test_cli_lr_sets_the_logits_learning_rate_unless_set_overrides_it(setup, monkeypatch):
+    import importlib
+
+    import semisparse.training.loop as loop
+
+    cli_train = importlib.import_module("semisparse.cli.train")  # the package re-exports a `train` group
+
+    tmp_path, model, corpus = setup
+    seen = []
+
+    def launch(config, *args, **kwargs):
+        seen.append(config.method["lr"])
+        return tmp_path
+
+    monkeypatch.setattr(loop, "launch", launch)
+    monkeypatch.setattr(cli_train, "_summary", lambda model_dir: "")
+    common = ["train", "maskllm", str(model), "--corpus", str(corpus), "--tokens", "256", "--seq-len", "32"]
+    for extra in (["--lr", "0.003"], ["--lr", "0.003", "--set", "lr=0.02"], []):
+        result = CliRunner().invoke(main, [*common, "-o", str(tmp_path / f"lr{len(seen)}"), *extra])
+        assert result.exit_code == 0, result.output + result.stderr
+    assert seen == [0.003, 0.02, 5e-4]
+
+
 def test_cli_train_maskllm_writes_a_2_4_model_and_mask_file(setup):
     tmp_path, model, corpus = setup
     eval_text = tmp_path / "eval.txt"
@@ -94,6 +117,7 @@ def test_cli_train_maskllm_writes_a_2_4_model_and_mask_file(setup):
     meta = json.loads((out / "semisparse.json").read_text())
     assert meta["method"] == "maskllm" and meta["pattern"] == "2:4" and meta["base_model"] == str(model)
     assert meta["settings"]["hard"] is True and meta["training"]["steps"] == 4
+    assert meta["settings"]["lr"] == 0.01
     weights = load_file(out / "model.safetensors")
     assert is_nm(weights["transformer.h.0.mlp.c_fc.weight"].t(), 2, 4)
     with np.load(out / "masks.npz") as masks:

@@ -183,6 +183,9 @@ def train_from_cli(
     data["model"] = model or data.get("model") or DEFAULT_MODEL
     data["output"] = out
     settings_cls, method_cls = _load_method(name)
+    if "lr" in given and "lr" in _field_hints(settings_cls):
+        # A method with its own peak lr (MaskLLM's logits) takes --lr as that lr; `--set lr=` still wins.
+        method_recipe = {**method_recipe, "lr": given["lr"]}
     settings = _method_settings(name, settings_cls, method_recipe, assignments)
     config = TrainConfig.from_dict({**data, "method_name": name, "method": dataclasses.asdict(settings)})
 
