@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_results(json_path: Path, record: dict[str, Any], markdown: str) -> Path:
+    """Write a run's record as JSON and its Markdown table next to it (same stem); returns the .md path."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    markdown_path = json_path.with_suffix(".md")
+    markdown_path.write_text(markdown)
+    return markdown_path
+
+
+def window_scope(row: dict[str, Any]) -> str:
+    """How much of the perplexity test a row covers, e.g. "all 148" or "first 16 of 148"."""
+    scope = "all" if row["windows"] == row["total_windows"] else f"first {row['windows']} of"
+    return f"{scope} {row['total_windows']}"
 
 
 def semisparse_command(*args: str) -> list[str]:

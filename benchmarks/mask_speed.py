@@ -9,7 +9,6 @@ The loop is what a direct transcription of "top-2 of every 4 columns" looks like
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -20,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import RESULTS
+from common import RESULTS, write_results
 
 from semisparse.nm import nm_mask
 
@@ -120,12 +119,10 @@ def main() -> None:
         "nm_mask_over_elementwise": seconds["nm_mask"] / seconds["elementwise"],
         "masks_agree": bool(torch.equal(nm_mask(scores, 2, 4), loop_mask(scores))),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    args.out.with_suffix(".md").write_text(table)
+    written = write_results(args.out, result, table)
     print(table)
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    print(f"wrote {args.out} and {written}")
 
 
 if __name__ == "__main__":

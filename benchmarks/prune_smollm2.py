@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, device_name, semisparse
+from common import RESULTS, device_name, semisparse, window_scope, write_results
 
 
 def main() -> None:
@@ -72,18 +72,15 @@ def main() -> None:
         "eval_seconds_all_models": round(eval_seconds, 1),
         "rows": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
     stem = args.name or f"prune_smollm2_{'gpu' if args.device.startswith('cuda') else 'cpu'}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     first = rows[0]
-    scope = "all" if first["windows"] == first["total_windows"] else f"first {first['windows']} of"
     lines = [
         f"# SmolLM2-135M, {args.pattern} one-shot pruning",
         "",
         f"- command: `{record['command']}`",
         f"- device: {record['device']}, {record['date']}",
         f"- calibration: {record['calibration']}",
-        f"- perplexity: WikiText-2 test, {scope} {first['total_windows']} windows of {first['seqlen']}",
+        f"- perplexity: WikiText-2 test, {window_scope(first)} windows of {first['seqlen']}",
         "",
         "| method | perplexity | × dense | prune time (s) | peak memory (GiB) |",
         "|---|---|---|---|---|",
@@ -94,7 +91,7 @@ def main() -> None:
             f"| {row['method']} | {row['perplexity']:.2f} | {row['perplexity'] / first['perplexity']:.2f} "
             f"| {row.get('prune_seconds', '-')} | {memory} |"
         )
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_results(RESULTS / f"{stem}.json", record, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -11,11 +11,10 @@ int4 (g128, asymmetric) RTN and masked-GPTQ weights. Both stay exactly 2:4 (chec
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 
 import torch
-from common import RESULTS
+from common import RESULTS, write_results
 
 from semisparse import nm
 from semisparse.data import calibration_ids
@@ -88,8 +87,6 @@ def main() -> None:
         "split": "first half of the captured tokens fits the Hessian, second half measures the error",
         "layers": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quantize_layers_smollm2_cpu.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
         f"# SmolLM2-135M 2:4: int{args.bits} g{args.group_size} reconstruction error, RTN vs masked GPTQ",
         "",
@@ -106,7 +103,7 @@ def main() -> None:
             f"| {row['layer']} | {row['shape'][0]}×{row['shape'][1]} | {row['rtn']:.3e} | {row['gptq']:.3e} "
             f"| {row['gptq'] / row['rtn']:.2f} |"
         )
-    (RESULTS / "quantize_layers_smollm2_cpu.md").write_text("\n".join(lines) + "\n")
+    write_results(RESULTS / "quantize_layers_smollm2_cpu.json", record, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import RESULTS, device_name, semisparse
+from common import RESULTS, device_name, semisparse, write_results
 
 VARIANTS = {
     "gptq-int4-g128": ["--bits", "4", "--method", "gptq", "--group-size", "128"],
@@ -116,9 +116,7 @@ def main() -> None:
         "command": sys.argv,
     }
     stem = args.name or f"quantize_smollm2_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(record))
+    write_results(RESULTS / f"{stem}.json", record, markdown(record))
     print(markdown(record))
 
 

@@ -9,11 +9,10 @@ already compensate for the pruned ones) that may start training from a worse mod
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
-from common import RESULTS
+from common import RESULTS, write_results
 
 from semisparse.data import wikitext2_test_text
 from semisparse.evaluation.perplexity import perplexity, tokenize_text
@@ -41,7 +40,6 @@ def main() -> None:
         rows.append({"slorb_init": init, "perplexity": result.perplexity, "windows": result.n_windows})
         print(rows[-1], flush=True)
     record = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
         f"# SLoRB initialisation on a 2:4 student from `{args.init_dir}`, before training",
         "",
@@ -52,7 +50,7 @@ def main() -> None:
         "|---|---|",
         *(f"| {row['slorb_init']} | {row['perplexity']:.2f} |" for row in rows),
     ]
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    write_results(RESULTS / f"{args.name}.json", record, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, device_name, semisparse, semisparse_command
+from common import RESULTS, device_name, semisparse, semisparse_command, window_scope, write_results
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ast-boosted": ("ast", ["slorb=true", "slorb_init=mean"]),
@@ -190,18 +190,15 @@ def main() -> None:
         },
         "rows": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
     stem = args.name or f"train_smollm2_{'gpu' if args.device.startswith('cuda') else 'cpu'}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     first = rows[0]
-    scope = "all" if first["windows"] == first["total_windows"] else f"first {first['windows']} of"
     lines = [
         f"# SmolLM2-135M, 2:4 retraining at {args.tokens} tokens",
         "",
         f"- command: `{record['command']}`",
         f"- device: {record['device']}, {record['date']}",
         f"- budget: {record['budget']}",
-        f"- perplexity: WikiText-2 test, {scope} {first['total_windows']} windows of {first['seqlen']}",
+        f"- perplexity: WikiText-2 test, {window_scope(first)} windows of {first['seqlen']}",
         "",
         "| variant | perplexity | × dense | steps | train time (s) | tokens/s | peak memory (GiB) |",
         "|---|---|---|---|---|---|---|",
@@ -216,7 +213,7 @@ def main() -> None:
     for row in rows[2:]:
         points = ", ".join(f"{p['tokens']}: {p['eval_ppl']:.1f}" for p in row["curve"])
         lines.append(f"- {row['variant']}: {points}")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_results(RESULTS / f"{stem}.json", record, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import shlex
@@ -28,7 +27,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from common import RESULTS
+from common import RESULTS, write_results
 
 from semisparse.maskllm import memory_per_weight
 from semisparse.methods.ast import ASTMethod, ASTSettings
@@ -185,12 +184,10 @@ def main() -> None:
         },
         **extra,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    args.out.with_suffix(".md").write_text(table)
+    written = write_results(args.out, result, table)
     print(table)
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    print(f"wrote {args.out} and {written}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, device_name, semisparse
+from common import RESULTS, device_name, semisparse, write_results
 
 from semisparse.evaluation.comparison import build_report, format_table, write_report
 from semisparse.evaluation.jobs import evaluate_models
@@ -46,7 +46,7 @@ def main() -> None:
     if args.render:
         record = json.loads(Path(args.render).read_text())
         record["report"] = build_report(record["report"]["models"], record["report"]["settings"])
-        write_results(record, Path(args.render).stem)
+        write_outputs(record, Path(args.render).stem)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,14 +77,12 @@ def main() -> None:
         "seconds_all_models": round(time.perf_counter() - start, 1),
         "report": report,
     }
-    write_results(record, stem)
+    write_outputs(record, stem)
 
 
-def write_results(record: dict, stem: str) -> None:
+def write_outputs(record: dict, stem: str) -> None:
     """The record as JSON, the full report (Markdown, chart) beside it, and the README table."""
     report = record["report"]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     write_report(report, RESULTS / f"{stem}_report", overwrite=True)
     ppl = report["data"]["perplexity"]
     limit = record["limit"]
@@ -107,7 +105,7 @@ def write_results(record: dict, stem: str) -> None:
         "",
         f"Data files, hashes and provenance: `{stem}_report/report.md`.",
     ]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_results(RESULTS / f"{stem}.json", record, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
