@@ -8,14 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import isolated_cache, save_tiny_model, tiny_config, write_corpus  # noqa: F401
+from train_helpers import isolated_cache, save_tiny_model, tiny_config, untimed_rows, write_corpus  # noqa: F401
 
 from semisparse.errors import SemisparseError
 from semisparse.methods.dense import DenseMethod, DenseSettings
 from semisparse.training.checkpoint import list_checkpoints
 from semisparse.training.loop import TrainingInterrupted, run
-
-TIMING = {"step_seconds", "tokens_per_s", "memory_bytes"}
 
 
 class InterruptedDense(DenseMethod):
@@ -46,11 +44,6 @@ def build(cls, config, initialise=True, **attributes):
     return method
 
 
-def rows(out):
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
-
-
 @pytest.fixture
 def setup(tmp_path):
     # GPT-2 has dropout 0.1, so the resumed run only matches if the RNG state is restored too.
@@ -79,7 +72,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(setup):
     assert expected.keys() == resumed.keys()
     for name, tensor in expected.items():
         assert torch.equal(tensor, resumed[name]), name
-    assert rows(tmp_path / "parted") == rows(tmp_path / "full")
+    assert untimed_rows(tmp_path / "parted") == untimed_rows(tmp_path / "full")
 
 
 def test_dropout_makes_the_rng_matter(setup):
@@ -130,7 +123,7 @@ def test_single_nan_step_is_skipped_and_logged(setup):
     tmp_path, model, corpus = setup
     config = tiny_config(model, tmp_path / "run", corpus, steps=4, eval_windows=0)
     run(config, build(NaNDense, config, nan_steps=frozenset({1})), progress=False)
-    logged = rows(tmp_path / "run")
+    logged = untimed_rows(tmp_path / "run")
     assert [row["kind"] for row in logged] == ["train", "skip", "train", "train"]
     assert logged[1]["loss"] == "nan" and logged[-1]["skipped_steps"] == 1
     meta = json.loads((tmp_path / "run" / "model" / "semisparse.json").read_text())

@@ -8,14 +8,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from train_helpers import isolated_cache, save_tiny_model, tiny_config, write_corpus  # noqa: F401
+from train_helpers import isolated_cache, save_tiny_model, tiny_config, untimed_rows, write_corpus  # noqa: F401
 
 from semisparse.cli import main
 from semisparse.methods.maskllm import MaskLLMMethod, MaskLLMSettings
 from semisparse.nm import is_nm
 from semisparse.training.loop import TrainingInterrupted, run
 
-TIMING = {"step_seconds", "tokens_per_s", "memory_bytes"}
 SETTINGS = MaskLLMSettings(prior="magnitude", lr=1e-2)
 
 
@@ -38,11 +37,6 @@ def build(cls, config, initialise=True, **attributes):
     for key, value in attributes.items():
         setattr(method, key, value)
     return method
-
-
-def rows(out):
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
 
 
 @pytest.fixture
@@ -70,8 +64,8 @@ def test_interrupted_and_resumed_maskllm_run_is_bit_identical(setup):
         np.load(tmp_path / "parted" / "model" / "masks.npz") as b,
     ):
         assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
-    full_rows = rows(tmp_path / "full")
-    assert rows(tmp_path / "parted") == full_rows
+    full_rows = untimed_rows(tmp_path / "full")
+    assert untimed_rows(tmp_path / "parted") == full_rows
     train_rows = [row for row in full_rows if row["kind"] == "train"]
     assert train_rows[0]["tau"] == 4.0 and train_rows[-1]["tau"] == pytest.approx(0.05)
     assert all({"mean_max_prob", "regulariser", "loss_task"} <= row.keys() for row in train_rows)

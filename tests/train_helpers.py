@@ -78,3 +78,13 @@ def tiny_config(
 
 def dense_method(config: TrainConfig, initialise: bool = True) -> DenseMethod:
     return DenseMethod.from_pretrained(config.model, DenseSettings(), 0, "cpu", initialise=initialise)
+
+
+# Wall-clock columns of metrics.jsonl: they differ between otherwise identical runs.
+TIMING = {"step_seconds", "tokens_per_s", "memory_bytes"}
+
+
+def untimed_rows(out: Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl without the timing columns, for comparing two runs."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
