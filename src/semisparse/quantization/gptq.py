@@ -51,16 +51,25 @@ def gptq_quantize_weight(
     size = cols if group_size is None else group_size
     if group_size is not None:
         blocksize = group_size * max(1, blocksize // group_size)
-    scales, zeros = [], []
-    for first in range(0, cols, size):
-        scale, zero = grid_for(w_all[:, first : first + size], mask[:, first : first + size], bits, symmetric)
+    scales: list[Tensor] = []
+    zeros: list[Tensor] = []
+
+    def add_grid(w: Tensor, m: Tensor) -> None:
+        scale, zero = grid_for(w, m, bits, symmetric)
         scales.append(scale)
         zeros.append(torch.full_like(scale, 2 ** (bits - 1)) if zero is None else zero)
-    order = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(cols)
-    order = order.to(w_all.device)
-    if not act_order and group_size is not None:
-        scales, zeros = [], []  # natural order: each grid is fixed from the updated weights at its group
-    w_all, maskf, h = w_all[:, order], mask[:, order].float(), h[order][:, order]
+
+    # Act order needs every grid before the sweep (static groups), and so does one grid per row.
+    static = act_order or group_size is None
+    if static:
+        for first in range(0, cols, size):
+            add_grid(w_all[:, first : first + size], mask[:, first : first + size])
+    maskf = mask.float()
+    columns = list(range(cols))
+    if act_order:
+        order = torch.argsort(torch.diagonal(h), descending=True)
+        w_all, maskf, h = w_all[:, order], maskf[:, order], h[order][:, order]
+        columns = order.tolist()
     hinv = inverse_hessian_cholesky(h, layer_name)
     del h
 
@@ -72,16 +81,10 @@ def gptq_quantize_weight(
         err_block = torch.zeros_like(w_block)
         hinv_block = hinv[start:end, start:end]
         for j in range(end - start):
-            column = int(order[start + j])
-            if not act_order and group_size is not None and column % group_size == 0:
-                scale, zero = grid_for(
-                    w_block[:, j : j + group_size] * m_block[:, j : j + group_size],
-                    m_block[:, j : j + group_size] > 0,
-                    bits,
-                    symmetric,
-                )
-                scales.append(scale)
-                zeros.append(torch.full_like(scale, 2 ** (bits - 1)) if zero is None else zero)
+            column = columns[start + j]
+            if not static and column % size == 0:
+                group = slice(j, j + size)
+                add_grid(w_block[:, group] * m_block[:, group], m_block[:, group] > 0)
             scale, zero = scales[column // size], zeros[column // size]
             w = w_block[:, j : j + 1] * m_block[:, j : j + 1]
             q = quantize_codes(w, scale, zero, bits) * m_block[:, j : j + 1]
