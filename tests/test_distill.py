@@ -105,3 +105,20 @@ def test_backpropagating_twice_is_a_clear_error():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="already backpropagated"):
         loss.backward()
+
+
+def test_huge_logit_gaps_stay_finite_and_match_float64():
+    """Logits thousands apart underflow every probability but the top one; both terms must stay exact."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(3)
+    student = torch.randn(1, 5, 9) * 3000
+    teacher = torch.randn(1, 5, 9) * 3000
+    ids = torch.randint(0, 9, (1, 5))
+    loss, metrics = distillation_loss(student, teacher, ids, 0.5, 0.5, 2.0)
+    s, t = student[0, :-1].double(), teacher[0, :-1].double()
+    ce = F.cross_entropy(s, ids[0, 1:])
+    kl = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="batchmean")
+    assert math.isfinite(loss.item())
+    assert metrics["loss_task"] == pytest.approx(ce.item(), rel=1e-5)
+    assert metrics["loss_kl"] == pytest.approx(kl.item(), rel=1e-5)

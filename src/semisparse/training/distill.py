@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# Rows per chunk: 16 rows of a 49k vocabulary are 3 MiB per fp32 temporary, which stays in cache.
-CHUNK_ROWS = 16
+# Rows per chunk: 8 rows of a 49k vocabulary are 1.5 MiB per fp32 temporary, which stays in cache; on
+# CPU 16 or 32 rows measured 1.4-2x slower per step, 4 rows no faster.
+CHUNK_ROWS = 8
 
 
 def _chunk_terms(
@@ -29,20 +30,32 @@ def _chunk_terms(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Summed CE and KL of a chunk of rows, and the chunk's gradient (not yet divided by the row count).
 
+    Three exponentials per logit and no logarithm of the vocabulary: with z = s − max s,
+    CE = log Σ e^z − z_target, and since the teacher's probabilities q sum to one,
+    KL(q ‖ q_s) = Σ q (t − s) / T − (max t − max s) / T − log Σ e^{(t − max t)/T} + log Σ e^{z/T}.
     `student` and `teacher` may be the caller's own fp32 tensors, so they are only read, never written.
     """
     logits = student.float()
-    log_p = torch.log_softmax(logits, dim=-1)
-    task = -log_p.gather(-1, targets[:, None]).sum()
-    grad = log_p.exp_().mul_(alpha_task)
+    top = logits.amax(-1, keepdim=True)
+    shifted = logits - top
+    shifted_target = shifted.gather(-1, targets[:, None])
+    tempered = shifted.mul(1 / t).exp_() if teacher is not None else None
+    grad = shifted.exp_()
+    norm = grad.sum(-1, keepdim=True)
+    task = (norm.log() - shifted_target).sum()
+    grad.mul_(alpha_task / norm)
     grad.scatter_add_(-1, targets[:, None], torch.full_like(targets[:, None], -alpha_task, dtype=grad.dtype))
     kl = grad.new_zeros(())
-    if teacher is not None:
-        log_q_student = torch.log_softmax(logits / t, dim=-1)
-        log_q_teacher = torch.log_softmax(teacher.float() / t, dim=-1)
-        q_teacher = log_q_teacher.exp()
-        kl = (q_teacher * (log_q_teacher - log_q_student)).sum()
-        grad.add_(log_q_student.exp_().sub_(q_teacher), alpha=alpha_kl * t)
+    if teacher is not None and tempered is not None:
+        teacher = teacher.float()
+        teacher_top = teacher.amax(-1, keepdim=True)
+        q_teacher = (teacher - teacher_top).mul_(1 / t).exp_()
+        norm_teacher = q_teacher.sum(-1, keepdim=True)
+        norm_student = tempered.sum(-1, keepdim=True)
+        q_teacher.div_(norm_teacher)
+        gap = torch.linalg.vecdot(q_teacher, teacher) - torch.linalg.vecdot(q_teacher, logits)
+        kl = ((gap[:, None] - teacher_top + top) / t - norm_teacher.log() + norm_student.log()).sum()
+        grad.addcmul_(tempered, alpha_kl * t / norm_student).sub_(q_teacher, alpha=alpha_kl * t)
     return task, kl, grad
 
 
@@ -59,7 +72,8 @@ class _LogitDistillation(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         batch, positions, _ = student.shape
         rows = batch * (positions - 1)
-        grad = torch.zeros_like(student)
+        grad = torch.empty_like(student)
+        grad[:, -1] = 0
         task = torch.zeros((), dtype=torch.float32, device=student.device)
         kl = torch.zeros_like(task)
         with torch.no_grad(), torch.autocast(student.device.type, enabled=False):
