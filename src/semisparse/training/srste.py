@@ -142,7 +142,7 @@ def _update(
     if group["weight_decay"]:
         param.mul_(1 - lr * group["weight_decay"])
     exp_avg.lerp_(grad, 1 - beta1)
-    update = torch.addcmul(exp_avg, param, as_multiplier(~mask, param.dtype), value=group[DECAY_KEY])
+    update = torch.addcmul(exp_avg, param, as_multiplier(~mask), value=group[DECAY_KEY])
     torch._fused_adamw_(
         [param], [update], [update], [exp_avg_sq], [], steps,
         lr=lr / (1 - beta1**step), beta1=0.0, beta2=beta2, weight_decay=0.0, eps=eps,
