@@ -49,6 +49,16 @@ def test_straight_through_gradient_is_the_dense_gradient_at_every_position(sourc
     assert bool((layer.weight.grad[~mask] != 0).all()), "pruned weights must keep receiving gradient"
 
 
+def test_the_graph_saves_the_weight_itself_not_a_masked_copy():
+    """A masked copy per layer alive until the backward would double the sparse weights' memory."""
+    layer = SparseLinear.from_module(nn.Linear(16, 8), random_mask(8, 16))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(torch.randn(2, 16))
+    weight_sized = [t for t in saved if t.shape == layer.weight.shape and t.is_floating_point()]
+    assert weight_sized and all(t.data_ptr() == layer.weight.data_ptr() for t in weight_sized)
+
+
 def test_mask_updates_in_place_change_the_forward():
     linear = nn.Linear(8, 4)
     layer = SparseLinear.from_module(linear, random_mask(4, 8, seed=2))
