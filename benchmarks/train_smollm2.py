@@ -1,9 +1,11 @@
-"""Retrain 2:4 SmolLM2-135M with AST and MaskLLM variants at one budget; compare with one-shot SparseGPT.
+"""Retrain 2:4 SmolLM2-135M with AST and MaskLLM variants at one budget; compare with the one-shot start.
 
-Every variant starts from the same SparseGPT 2:4 model (`--init-dir`, pruned first if absent), trains in its
-own `semisparse train` process on the Wikipedia sample, and is then evaluated with the dense model and the
-one-shot starting point on the same WikiText-2 token stream. The perplexity-vs-tokens curve comes from each
-run's `metrics.jsonl`. Results go to benchmarks/results/ as JSON and Markdown with the command and device.
+Every variant starts from the same one-shot 2:4 model (`--init-method`, SparseGPT by default, pruned into
+`--init-dir` first if absent; AST from magnitude prunes the dense model itself, so its pruned weights keep
+their dense values and can grow back, as in the paper), trains in its own `semisparse train` process on the
+Wikipedia sample, and is then evaluated with the dense model and the one-shot starting point on the same
+WikiText-2 token stream. The perplexity-vs-tokens curve comes from each run's `metrics.jsonl`. Results go
+to benchmarks/results/ as JSON and Markdown with the command and device.
 
 Variants: `ast-boosted` (AST with SLoRB, adaptive mask, distillation, annealed SR-STE), `ast-boosted-zeros`
 (the same with SLoRB's S starting at zero, so training starts from the one-shot model), `ast` (no SLoRB),
@@ -47,7 +49,7 @@ def train_command(args: argparse.Namespace, name: str, masks_file: Path) -> list
     method, settings = VARIANTS[name]
     settings = list(settings)
     if method == "ast":
-        settings.append(f"init={args.init_dir}")
+        settings.append(f"init={args.init_dir if args.init_method == 'sparsegpt' else args.init_method}")
     else:
         settings.append(f"lr={args.lr_maskllm}")  # MaskLLM's logits have their own learning rate
         if name == "joint-ast-lr":
@@ -123,7 +125,8 @@ def main() -> None:
     )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--variants", default="ast-boosted,naive,maskllm")
-    parser.add_argument("--init-dir", type=Path, default=Path("runs/demo-sparsegpt-2of4"))
+    parser.add_argument("--init-method", choices=["sparsegpt", "magnitude"], default="sparsegpt")
+    parser.add_argument("--init-dir", type=Path, default=None, help="Default runs/demo-METHOD-2of4.")
     parser.add_argument("--tokens", default="100M")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--micro-batch", type=int, default=8)
@@ -143,11 +146,12 @@ def main() -> None:
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}")
+    args.init_dir = args.init_dir or Path(f"runs/demo-{args.init_method}-2of4")
 
     if not (args.init_dir / "config.json").is_file():
         prune = [
             "--method",
-            "sparsegpt",
+            args.init_method,
             "--pattern",
             "2:4",
             "-o",
@@ -156,7 +160,7 @@ def main() -> None:
             args.device,
         ]
         semisparse("prune", args.model, *prune)
-    masks_file = args.work_dir / "sparsegpt-masks.npz"
+    masks_file = args.work_dir / f"{args.init_method}-masks.npz"
     if not masks_file.is_file():
         args.work_dir.mkdir(parents=True, exist_ok=True)
         semisparse("export-mask", str(args.init_dir), "-o", str(masks_file))
@@ -169,7 +173,7 @@ def main() -> None:
 
     models = [args.model, str(args.init_dir), *(str(args.work_dir / name / "model") for name in names)]
     rows = evaluate_perplexity(models, max_windows=args.max_windows, device=args.device, progress=False)
-    labels = ["dense", "sparsegpt one-shot", *names]
+    labels = ["dense", f"{args.init_method} one-shot", *names]
     for row, label in zip(rows, labels, strict=True):
         row["variant"] = label
     for row, name in zip(rows[2:], names, strict=True):
