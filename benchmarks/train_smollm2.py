@@ -9,6 +9,7 @@ to benchmarks/results/ as JSON and Markdown with the command and device.
 
 Variants: `ast-boosted` (AST with SLoRB, adaptive mask, distillation, annealed SR-STE), `ast-boosted-zeros`
 (the same with SLoRB's S starting at zero, so training starts from the one-shot model), `ast` (no SLoRB),
+`ast-fixed-mask` (distillation only: the mask and SR-STE off, so against `naive` it isolates distillation),
 `naive` (fixed mask, no distillation, no decay: plain retraining of the kept weights), `maskllm` (learned
 mask on the frozen dense weights, SparseGPT prior), `maskllm-noprior`, `maskllm-noreg`, `joint` (MaskLLM
 that also trains the kept weights with AST's distillation loss, at MaskLLM's default `weight_lr`) and
@@ -36,6 +37,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ast-boosted": ("ast", ["slorb=true", "slorb_init=mean"]),
     "ast-boosted-zeros": ("ast", ["slorb=true", "slorb_init=zeros"]),
     "ast": ("ast", []),
+    "ast-fixed-mask": ("ast", ["mask_update_every=0", "decay_lambda=0"]),
     "naive": ("ast", ["mask_update_every=0", "alpha_task=1", "alpha_kl=0", "decay_lambda=0"]),
     "maskllm": ("maskllm", []),
     "maskllm-noprior": ("maskllm", ["prior=none", "alpha=0"]),
