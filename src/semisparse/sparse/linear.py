@@ -123,12 +123,12 @@ class SparseLinear(nn.Module):
 
     def masked_weight(self) -> Tensor:
         """`W ⊙ mask`, detached: what the layer computes with, for export and evaluation."""
-        return (self.weight * self.mask).detach()
+        return _masked(self.weight, self.mask, self.weight.dtype).detach()
 
     @torch.no_grad()
     def to_dense_module(self) -> nn.Module:
         """A plain Linear / Conv1D holding `W ⊙ mask` (the SLoRB branch is not part of it)."""
-        self.weight.mul_(self.mask)
+        self.weight.mul_(as_multiplier(self.mask))
         with torch.device("meta"):
             if self.source == "conv1d":
                 dense: nn.Module = Conv1D(self.out_features, self.in_features)
