@@ -18,7 +18,8 @@ from common import RESULTS, write_results
 
 from semisparse import nm
 from semisparse.data import calibration_ids
-from semisparse.models import decoder_blocks, find_targets, load_model, load_tokenizer, weight_matrix
+from semisparse.models import load_model, load_tokenizer
+from semisparse.modules import decoder_blocks, find_targets, weight_matrix
 from semisparse.quantization import gptq_quantize_weight, rtn_quantize
 
 

@@ -16,7 +16,7 @@ from common import RESULTS, write_results
 
 from semisparse.data import wikitext2_test_text
 from semisparse.evaluation.perplexity import perplexity, tokenize_text
-from semisparse.methods.ast import ASTMethod, ASTSettings
+from semisparse.methods.ast import ASTConfig, ASTMethod
 from semisparse.models import load_tokenizer
 from semisparse.sparse.slorb import SLORB_INITS
 
@@ -34,7 +34,7 @@ def main() -> None:
     ids = tokenize_text(load_tokenizer(args.model), wikitext2_test_text())
     rows = []
     for init in SLORB_INITS:
-        settings = ASTSettings(init=args.init_dir, slorb=True, slorb_init=init, alpha_task=1, alpha_kl=0)
+        settings = ASTConfig(init=args.init_dir, slorb=True, slorb_init=init, alpha_task=1, alpha_kl=0)
         method = ASTMethod.from_pretrained(args.model, settings, 10, "cpu", progress=False)
         result = perplexity(method.model, ids, max_windows=args.max_windows, progress=False)
         rows.append({"slorb_init": init, "perplexity": result.perplexity, "windows": result.n_windows})

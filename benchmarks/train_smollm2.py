@@ -53,7 +53,6 @@ def train_command(args: argparse.Namespace, name: str, masks_file: Path) -> list
     if method == "ast":
         settings.append(f"init={args.init_dir if args.init_method == 'sparsegpt' else args.init_method}")
     else:
-        settings.append(f"lr={args.lr_maskllm}")  # MaskLLM's logits have their own learning rate
         if name == "joint-ast-lr":
             settings.append(f"weight_lr={args.lr_ast}")  # the weights move as fast as in the AST runs
         if "prior=none" not in settings:
@@ -63,7 +62,7 @@ def train_command(args: argparse.Namespace, name: str, masks_file: Path) -> list
         "--seq-len": args.seq_len,
         "--micro-batch": args.micro_batch,
         "--grad-accum": args.grad_accum,
-        "--lr": args.lr_ast,
+        "--lr": args.lr_ast if method == "ast" else args.lr_maskllm,  # MaskLLM: the logits' lr
         "--eval-every": args.eval_every,
         "--eval-windows": args.curve_windows,
         "--eval-seqlen": args.seq_len,

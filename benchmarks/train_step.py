@@ -30,9 +30,9 @@ import torch
 from common import RESULTS, write_results
 
 from semisparse.maskllm import memory_per_weight
-from semisparse.methods.ast import ASTMethod, ASTSettings
-from semisparse.methods.dense import DenseMethod, DenseSettings
-from semisparse.methods.maskllm import MaskLLMMethod, MaskLLMSettings
+from semisparse.methods.ast import ASTConfig, ASTMethod
+from semisparse.methods.dense import DenseConfig, DenseMethod
+from semisparse.methods.maskllm import MaskLLMConfig, MaskLLMMethod
 
 
 def _sync(device: str) -> None:
@@ -147,12 +147,12 @@ def main() -> None:
     batch = None
     for name in ["dense", *(m for m in methods if m != "dense")]:
         if name == "dense":
-            method: Any = DenseMethod.from_pretrained(args.model, DenseSettings(), steps, args.device)
+            method: Any = DenseMethod.from_pretrained(args.model, DenseConfig(), steps, args.device)
         elif name in ("ast", "ast-boosted"):
-            settings = ASTSettings(slorb=name == "ast-boosted", mask_update_every=args.mask_update_every)
+            settings = ASTConfig(slorb=name == "ast-boosted", mask_update_every=args.mask_update_every)
             method = ASTMethod.from_pretrained(args.model, settings, steps, args.device, progress=False)
         elif name == "maskllm":
-            settings = MaskLLMSettings(prior="magnitude")
+            settings = MaskLLMConfig(prior="magnitude")
             method = MaskLLMMethod.from_pretrained(args.model, settings, steps, args.device, progress=False)
         else:
             raise SystemExit(f"unknown method {name}: use dense, ast, ast-boosted, maskllm")

@@ -10,14 +10,14 @@ from conftest import make_tiny_model
 
 from semisparse.acceleration import accelerate, gpu_fallback_reason
 from semisparse.errors import SemisparseError
-from semisparse.pruning import prune
+from semisparse.pruning import MagnitudeConfig, prune
 
 needs_gpu = pytest.mark.skipif(gpu_fallback_reason() is not None, reason="needs an Ampere+ CUDA GPU")
 
 
 def sparse_llama() -> torch.nn.Module:
     model = make_tiny_model("llama")
-    prune(model, "magnitude", "2:4")
+    prune(model, MagnitudeConfig())
     return model
 
 

@@ -20,7 +20,7 @@ def layer_with(weight, pattern=TWO_FOUR):
 
 
 def exactly_nm(mask, pattern):
-    return bool((mask.reshape(mask.shape[0], -1, pattern.m).sum(-1) == pattern.n).all())
+    return nm.is_nm(mask, pattern.n, pattern.m, exact=True)
 
 
 @pytest.mark.parametrize(

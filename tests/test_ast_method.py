@@ -1,6 +1,5 @@
 """ASTMethod on a tiny saved llama: initial masks, training steps, resume state, export, bad settings."""
 
-import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -13,9 +12,9 @@ from transformers import AutoModelForCausalLM
 from semisparse import nm
 from semisparse.errors import SemisparseError
 from semisparse.maskfiles import MASKS_FILE, load_masks, target_shapes, to_matrix_layout
-from semisparse.methods.ast import ASTMethod, ASTSettings
-from semisparse.models import find_targets, weight_matrix
-from semisparse.pruning import prune
+from semisparse.methods.ast import ASTConfig, ASTMethod
+from semisparse.modules import find_targets, weight_matrix
+from semisparse.pruning import MagnitudeConfig, SparseGPTConfig, prune
 from semisparse.sparse import SLORB_FILE, attach_saved_slorb, sparse_layers
 
 OPTIM = SimpleNamespace(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -23,7 +22,7 @@ OPTIM = SimpleNamespace(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 def settings(calib_file, **overrides):
     base = {"calibration": str(calib_file), "calibration_nsamples": 4, "calibration_seqlen": 32}
-    return ASTSettings(**(base | overrides))
+    return ASTConfig(**(base | overrides))
 
 
 def build(dense_dir, calib_file, total_steps=8, **overrides):
@@ -64,14 +63,14 @@ def test_training_steps_lower_the_loss_and_keep_masks_2_4(dense_dir, calib_file)
         decay_warmup_steps=4,
         slorb=True,
     )
-    assert method.teacher is not None and not method.teacher.training
-    assert all(not p.requires_grad for p in method.teacher.parameters())
+    assert method.teacher is not None and not method.teacher.model.training
+    assert all(not p.requires_grad for p in method.teacher.model.parameters())
     batch = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     losses, rows = train(method, 8, batch)
     assert losses[-1] < 0.9 * losses[0]
     assert [row["decay_lambda"] for row in rows[:5]] == pytest.approx([0.0, 0.0125, 0.025, 0.0375, 0.05])
     assert [("flip_rate" in row) for row in rows] == [False, True] * 4
-    assert all(p.grad is None for p in method.teacher.parameters())
+    assert all(p.grad is None for p in method.teacher.model.parameters())
 
 
 def test_magnitude_init_keeps_the_dense_weights_and_sparsegpt_starts_from_its_output(dense_dir, calib_file):
@@ -89,7 +88,7 @@ def test_magnitude_init_keeps_the_dense_weights_and_sparsegpt_starts_from_its_ou
     from semisparse.data import calibration_ids
 
     calib, _ = calibration_ids(method.tokenizer, str(calib_file), 4, 32, 0)
-    prune(reference, "sparsegpt", "2:4", calibration_ids=calib, progress=False)
+    prune(reference, SparseGPTConfig(pattern="2:4"), calibration_ids=calib, progress=False)
     for name, module in find_targets(reference).items():
         layer = method.layers[name]
         torch.testing.assert_close(layer.weight.detach(), weight_matrix(module))
@@ -108,7 +107,7 @@ def test_wanda_init_and_score_need_calibration_and_work(dense_dir, calib_file):
 
 def test_init_from_a_pruned_directory_takes_its_zeros(tmp_path, dense_dir, calib_file):
     pruned = make_tiny_model("llama")
-    prune(pruned, "magnitude", "2:4")
+    prune(pruned, MagnitudeConfig(pattern="2:4"))
     pruned.save_pretrained(tmp_path / "pruned")
     method = build(dense_dir, calib_file, init=str(tmp_path / "pruned"))
     for name, module in find_targets(pruned).items():
@@ -177,28 +176,35 @@ def test_export_writes_a_plain_model_masks_and_optional_slorb(tmp_path, calib_fi
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"decay_lambda": -1e-4}, "decay_lambda=-0.0001 is negative"),
-        ({"decay_lambda": "abc"}, "is not a number"),
-        ({"init": "random"}, "neither magnitude, wanda, sparsegpt nor an existing directory"),
-        ({"mask_score": "gradient"}, "unknown AST mask_score"),
-        ({"slorb_init": "median"}, "unknown AST slorb_init"),
-        ({"keep_slorb": True}, "keep_slorb needs slorb"),
+        ({"decay_lambda": -1e-4}, "`decay_lambda`=-0.0001 must be >= 0"),
+        ({"decay_lambda": "abc"}, "`decay_lambda`='abc' must be a number"),
+        ({"init": "random"}, "neither magnitude, sparsegpt, wanda nor an existing directory"),
+        ({"mask_score": "gradient"}, "ast setting `mask_score`='gradient' must be one of magnitude, wanda"),
+        ({"slorb_init": "median"}, "ast setting `slorb_init`='median' must be one of auto, mean, sum, zeros"),
+        ({"keep_slorb": True}, "`keep_slorb` needs `slorb`"),
         ({"alpha_task": 0.0, "alpha_kl": 0.0}, "nothing is trained"),
-        ({"temperature": 0.0}, "must be positive"),
-        ({"mask_update_every": -1}, "mask_update_every=-1 must be a whole number >= 0"),
-        ({"slorb_k": 0}, "slorb_k=0 must be a whole number >= 1"),
+        ({"temperature": 0.0}, "`temperature`=0.0 must be > 0"),
+        ({"mask_update_every": -1}, "`mask_update_every`=-1 must be >= 0"),
+        ({"mask_update_every": 2.5}, "`mask_update_every`=2.5 must be a whole number"),
+        ({"slorb_k": 0}, "`slorb_k`=0 must be >= 1"),
         ({"pattern": "4:2"}, "N must be smaller than M"),
-        ({"include": "model.*"}, "must be a list"),
+        ({"include": 5}, "`include`=5 must be a list of str"),
+        ({"include": ["model.*", 3]}, "must be a string"),
     ],
 )
 def test_bad_settings_are_rejected(overrides, message):
-    with pytest.raises(SemisparseError, match=message.replace(".", r"\.").replace("*", r"\*")):
-        ASTSettings(**overrides)
+    with pytest.raises(SemisparseError, match=message.replace(".", r"\.").replace("*", r"\*")) as info:
+        ASTConfig(**overrides)
+    assert "\n" not in str(info.value)
 
 
-def test_yaml_style_numbers_are_accepted():
-    assert ASTSettings(decay_lambda="1e-4").decay_lambda == 1e-4
-    assert dataclasses.asdict(ASTSettings())["include"] == []
+def test_yaml_style_values_are_accepted():
+    assert ASTConfig(decay_lambda="1e-4").decay_lambda == 1e-4
+    assert ASTConfig().to_dict()["include"] == []
+    assert ASTConfig(include="model.layers.0.*, *.mlp.*").include == ["model.layers.0.*", "*.mlp.*"]
+    assert ASTConfig.from_mapping({"slorb": "yes", "slorb-k": "8"}).slorb_k == 8
+    with pytest.raises(SemisparseError, match="unknown ast setting"):
+        ASTConfig.from_mapping({"tau": 1})
 
 
 def test_bad_runs_are_rejected_before_work(tmp_path, dense_dir, calib_file):
@@ -208,7 +214,9 @@ def test_bad_runs_are_rejected_before_work(tmp_path, dense_dir, calib_file):
         build(dense_dir, calib_file, teacher=str(tmp_path / "missing"))
     with pytest.raises(SemisparseError, match="at least one optimizer step"):
         build(dense_dir, calib_file, total_steps=0)
-    with pytest.raises(SemisparseError, match="calibration_seqlen 4096 exceeds"):
+    with pytest.raises(
+        SemisparseError, match=r"`calibration_seqlen` 4096 exceeds.*smaller `calibration_seqlen`"
+    ):
         build(dense_dir, calib_file, init="wanda", calibration_seqlen=4096)
 
 
@@ -225,7 +233,7 @@ def test_the_training_loop_runs_ast_and_resumes_bit_identically(tmp_path, monkey
 
     def method(config, initialise=True):
         return ASTMethod.from_pretrained(
-            config.model, ASTSettings(**config.method), config.total_steps(), "cpu", initialise=initialise
+            config.model, ASTConfig(**config.method), config.total_steps(), "cpu", initialise=initialise
         )
 
     def config(out, **extra):
@@ -256,5 +264,21 @@ def test_the_training_loop_runs_ast_and_resumes_bit_identically(tmp_path, monkey
     ("init", "expected"), [("magnitude", "mean"), ("wanda", "mean"), ("sparsegpt", "zeros"), (".", "zeros")]
 )
 def test_auto_slorb_init_is_mean_for_dense_kept_weights_and_zeros_after_sparsegpt(init, expected):
-    assert ASTSettings(init=init).slorb_init == expected
-    assert ASTSettings(init=init, slorb_init="sum").slorb_init == "sum"
+    assert ASTConfig(init=init).slorb_init == expected
+    assert ASTConfig(init=init, slorb_init="sum").slorb_init == "sum"
+
+
+def test_init_pruner_facts_come_from_the_registry(monkeypatch):
+    """Any registered pruner is a valid init; whether it updates the kept weights decides auto SLoRB."""
+    from dataclasses import replace
+
+    from semisparse import registry
+
+    monkeypatch.setitem(
+        registry._ENTRIES,
+        ("pruner", "compensating"),
+        replace(registry.lookup("pruner", "magnitude"), name="compensating", updates_kept_weights=True),
+    )
+    assert ASTConfig(init="compensating").slorb_init == "zeros"
+    assert ASTConfig(init="compensating").init_pruner.updates_kept_weights
+    assert ASTConfig(init="wanda").init_pruner.needs_calibration

@@ -51,7 +51,7 @@ def test_reduced_cli_writes_json_and_markdown(tmp_path: Path) -> None:
 
 def test_full_mode_without_gpu_and_bad_tokens_are_user_errors(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
-        with pytest.raises(SemisparseError, match="add --reduced"):
+        with pytest.raises(SemisparseError, match="add `reduced`"):
             run_bench(preset="llama2-7b")
     result = CliRunner().invoke(
         main, ["bench", "--reduced", "--tokens", "1,x", "-o", str(tmp_path / "b.json")]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from train_helpers import isolated_cache, save_tiny_model, tiny_config, untimed_rows, write_corpus  # noqa: F401
 
 from semisparse.errors import SemisparseError
-from semisparse.methods.dense import DenseMethod, DenseSettings
+from semisparse.methods.dense import DenseConfig, DenseMethod
 from semisparse.training.checkpoint import list_checkpoints
 from semisparse.training.loop import TrainingInterrupted, run
 
@@ -38,7 +38,7 @@ class NaNDense(DenseMethod):
 
 
 def build(cls, config, initialise=True, **attributes):
-    method = cls.from_pretrained(config.model, DenseSettings(), 0, "cpu", initialise=initialise)
+    method = cls.from_pretrained(config.model, DenseConfig(), 0, "cpu", initialise=initialise)
     for key, value in attributes.items():
         setattr(method, key, value)
     return method
@@ -59,7 +59,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(setup):
     run(full, build(DenseMethod, full), progress=False)
 
     parted = tiny_config(model, tmp_path / "parted", corpus, **common, checkpoint_every=2, keep_checkpoints=2)
-    with pytest.raises(TrainingInterrupted, match=r"after step 3 of 6.*--resume"):
+    with pytest.raises(TrainingInterrupted, match=r"after step 3 of 6.*`resume`"):
         run(parted, build(InterruptedDense, parted, stop_after=3), progress=False)
     checkpoints = list_checkpoints(tmp_path / "parted")
     assert [step for step, _ in checkpoints] == [2, 3]
@@ -113,7 +113,7 @@ def test_checkpoint_of_another_run_is_refused(interrupted):
 
 def test_existing_output_needs_resume_or_overwrite(interrupted):
     config, _ = interrupted
-    with pytest.raises(SemisparseError, match=r"already exists.*--resume.*--overwrite"):
+    with pytest.raises(SemisparseError, match=r"already exists.*`resume`.*`overwrite`"):
         run(config, build(DenseMethod, config), progress=False)
     run(config, build(DenseMethod, config), overwrite=True, progress=False)
     assert (Path(config.output) / "model" / "model.safetensors").is_file()

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 from semisparse import nm
 from semisparse.cli import main
 from semisparse.export import provenance, save_model_dir
-from semisparse.models import find_targets, weight_matrix
-from semisparse.pruning import prune
+from semisparse.modules import find_targets, weight_matrix
+from semisparse.pruning import MagnitudeConfig, prune
 
 
 def run(*args):
@@ -104,7 +104,7 @@ def test_eval_compares_models_on_the_same_windows(tmp_path, dense_dir, calib_fil
 @pytest.mark.parametrize("arch", ARCHS)
 def test_saved_model_gives_the_same_logits_in_plain_transformers(tmp_path, arch):
     model = make_tiny_model(arch)
-    prune(model, method="magnitude", pattern=nm.parse_pattern("2:4"), progress=False)
+    prune(model, MagnitudeConfig(pattern="2:4"), progress=False)
     save_model_dir(model, None, tmp_path / "out", provenance(method="magnitude"))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -135,7 +135,7 @@ def test_calibration_seqlen_beyond_context(tmp_path, dense_dir, calib_file):
 
 def test_eval_seqlen_beyond_context(tmp_path, dense_dir, calib_file):
     code, _, stderr = run("eval", dense_dir, "--ppl", calib_file, "--seqlen", 4096)
-    assert_clean_failure(code, stderr, tmp_path, "4096")
+    assert_clean_failure(code, stderr, tmp_path, "--seqlen=4096")  # the library's `seqlen`, as a flag
 
 
 def test_too_small_calibration_set(tmp_path, dense_dir):

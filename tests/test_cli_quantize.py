@@ -15,8 +15,9 @@ from semisparse import nm
 from semisparse.cli import main
 from semisparse.compressed import COMPRESSED_FILE, is_compressed_dir, load_compressed
 from semisparse.export import provenance, save_model_dir
-from semisparse.models import find_targets, load_model, weight_matrix
-from semisparse.pruning import prune
+from semisparse.models import load_model
+from semisparse.modules import find_targets, weight_matrix
+from semisparse.pruning import MagnitudeConfig, prune
 from semisparse.quantization.gridfile import GRID_FILE
 from semisparse.sizes import size_report
 
@@ -24,7 +25,7 @@ from semisparse.sizes import size_report
 @pytest.fixture
 def sparse_dir(tmp_path: Path) -> Path:
     model = make_tiny_model("llama")
-    prune(model, "magnitude", "2:4")
+    prune(model, MagnitudeConfig())
     meta = provenance(base_model="tiny", method="magnitude", pattern="2:4", include=[], exclude=[])
     return save_model_dir(model, make_tiny_tokenizer(), tmp_path / "sparse", meta)
 
@@ -95,7 +96,7 @@ def test_quantize_rtn_straight_to_compressed(tmp_path: Path, sparse_dir: Path) -
     ("extra", "expected"),
     [
         (["--bits", "3"], "'3' is not one of '4', '8'"),
-        (["--group-size", "0", "--method", "rtn"], "--group-size 0 must be positive"),
+        (["--group-size", "0", "--method", "rtn"], "--group-size=0 must be >= 1"),
         (["--calibration", "/nonexistent/file.txt", "--seqlen", "32"], "unknown calibration source"),
     ],
 )

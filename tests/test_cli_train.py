@@ -57,7 +57,8 @@ def test_recipe_and_set_fill_config_flags_win(inputs, tmp_path):
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["lr"] == 1e-3  # the flag beats the recipe
     assert saved["seq_len"] == 32 and saved["warmup_steps"] == 0
-    assert saved["method"] == {"decay_norms_and_biases": True, "train_embeddings": False}
+    assert saved["method"]["decay_norms_and_biases"] is True and saved["method"]["train_embeddings"] is False
+    assert saved["method"]["distill"] is False
     meta = json.loads((tmp_path / "run" / "model" / "semisparse.json").read_text())
     assert meta["settings"]["train_embeddings"] is False
 
@@ -67,13 +68,17 @@ def test_recipe_and_set_fill_config_flags_win(inputs, tmp_path):
     [
         (("--tokens", "lots"), "cannot read the token budget 'lots'"),
         (("--tokens", "10"), "smaller than one optimizer step"),
-        (("--lr", "-1"), "learning rate must be positive"),
+        (("--lr", "-1"), "--lr=-1.0 must be > 0"),
+        (("--seq-len", "abc"), "--seq-len='abc' must be a number"),
+        (("--warmup-steps", "9"), "lower --warmup-steps or raise --tokens"),
+        (("--device", "tpu"), "--device='tpu' must be cpu, cuda or cuda:N"),
         (("--seq-len", "1024", "--tokens", "100k"), "exceeds the model's context of 256"),
         (("--set", "nonsense=1"), "unknown dense setting(s) nonsense"),
-        (("--set", "train_embeddings=maybe"), "train_embeddings='maybe' is not a valid bool"),
+        (("--set", "train_embeddings=maybe"), "--set train_embeddings='maybe' must be true or false"),
+        (("--set", "temperature=0"), "--set temperature=0.0 must be > 0"),
         (("--set", "novalue"), "is not key=value"),
         (("--resume",), "has no checkpoint to resume from"),
-        (("--resume", "--overwrite"), "contradict"),
+        (("--resume", "--overwrite"), "--resume and --overwrite contradict"),
     ],
 )
 def test_bad_flags_are_one_line_errors(inputs, tmp_path, extra, message):
@@ -95,3 +100,29 @@ def test_method_commands_are_listed():
     assert code == 0 and all(name in output for name in ("dense", "ast", "maskllm"))
     code, output, _ = invoke("train", "maskllm", "--help")
     assert code == 0 and "--set KEY=VALUE" in output and "--tokens" in output
+    assert "Peak learning rate of the mask logits (default 0.0005)" in " ".join(output.split())
+    code, output, _ = invoke("train", "nonsense", "--help")
+    assert code == 2
+
+
+def test_commands_come_from_the_registry(monkeypatch):
+    from dataclasses import replace
+
+    from semisparse import registry
+
+    entry = registry.lookup("trainer", "dense")
+    monkeypatch.setitem(
+        registry._ENTRIES, ("trainer", "dense2"), replace(entry, name="dense2", summary="Another trainer.")
+    )
+    code, output, _ = invoke("train", "--help")
+    assert code == 0 and "dense2" in output and "Another trainer." in output
+
+
+def test_method_setting_errors_name_the_set_option(inputs, tmp_path):
+    model, corpus, _ = inputs
+    code, _, stderr = invoke(
+        "train", "ast", model, "-o", tmp_path / "run", "--corpus", corpus, "--tokens", "256", "--seq-len", 32,
+        "--micro-batch", 2, "--eval-windows", 0, "--quiet", "--set", "init=wanda",
+        "--set", "calibration_seqlen=4096",
+    )  # fmt: skip
+    assert code == 2 and "--set calibration_seqlen=... 4096 exceeds the model's context of 256" in stderr

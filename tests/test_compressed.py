@@ -13,14 +13,14 @@ from safetensors.torch import save_file
 
 from semisparse import compressed, nm
 from semisparse.errors import SemisparseError
-from semisparse.pruning import prune
-from semisparse.quantization import quantize, rtn_quantize
+from semisparse.pruning import MagnitudeConfig, prune
+from semisparse.quantization import RTNConfig, quantize, rtn_quantize
 from semisparse.sizes import dir_bytes, size_report
 
 
 def sparse_model(arch: str = "llama", dtype: torch.dtype = torch.float32):
     model = make_tiny_model(arch)
-    prune(model, "magnitude", "2:4")
+    prune(model, MagnitudeConfig())
     return model.to(dtype)
 
 
@@ -48,7 +48,7 @@ def test_quantized_round_trip_gives_the_dequantized_values(
     tmp_path: Path, bits: int, symmetric: bool
 ) -> None:
     model = sparse_model("gpt2")
-    codes = quantize(model, bits=bits, group_size=32, symmetric=symmetric)
+    codes = quantize(model, RTNConfig(bits=bits, group_size=32, symmetric=symmetric))
     compressed.save_compressed(model, tmp_path, codes)
     loaded, loaded_codes = compressed.load_compressed_with_codes(tmp_path)
     assert_same_state(model, loaded)
@@ -77,7 +77,7 @@ def test_layout_of_one_layer(tmp_path: Path) -> None:
 
 def test_size_report_on_a_hand_computable_layer() -> None:
     model = sparse_model("llama")
-    codes = quantize(model, bits=4, group_size=32)
+    codes = quantize(model, RTNConfig(bits=4, group_size=32))
     report = size_report(model, codes)
     layer = next(item for item in report.layers if item.name.endswith("layers.0.mlp.down_proj"))
     assert layer.shape == (64, 128) and layer.is_24 and layer.kept == 64 * 64 and layer.value_bits == 4
@@ -104,7 +104,7 @@ def test_compressed_is_smaller_on_disk_than_dense(tmp_path: Path) -> None:
     (tmp_path / "plain").mkdir()
     (tmp_path / "int4").mkdir()
     compressed.save_compressed(model, tmp_path / "plain", None)
-    codes = quantize(model, bits=4, group_size=32)
+    codes = quantize(model, RTNConfig(bits=4, group_size=32))
     compressed.save_compressed(model, tmp_path / "int4", codes)
     dense, plain, int4 = (dir_bytes(tmp_path / name) for name in ("dense", "plain", "int4"))
     targets = size_report(model).totals()["dense_fp32"]
@@ -161,7 +161,7 @@ def test_corrupt_files_are_rejected_with_clear_errors(tmp_path: Path) -> None:
 
 def test_quantized_layers_must_be_24(tmp_path: Path) -> None:
     model = make_tiny_model("llama")
-    codes = quantize(model, bits=8, group_size=None)
+    codes = quantize(model, RTNConfig(bits=8, group_size=None))
     with pytest.raises(SemisparseError, match="not 2:4"):
         compressed.save_compressed(model, tmp_path, codes)
     assert not nm.is_nm(next(iter(codes.values())).dequantize(), 2, 4)

@@ -15,6 +15,7 @@ from semisparse import data
 from semisparse.data import (
     calibration_ids,
     data_dir,
+    evaluation_text,
     file_sha256,
     load_rows,
     read_texts,
@@ -146,12 +147,65 @@ def test_read_texts_errors(tmp_path: Path) -> None:
         read_texts(tmp_path / "broken.jsonl")
 
 
+def unreadable_files(tmp_path: Path) -> list[tuple[Path, str]]:
+    """A binary .txt / .jsonl, a .jsonl.gz that is not gzip, and a truncated one, with their messages."""
+    binary = bytes(range(256)) * 4
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "binary.txt").write_bytes(binary)
+    (tmp_path / "binary.jsonl").write_bytes(b'{"text": "ok"}\n' + binary)
+    (tmp_path / "plain.jsonl.gz").write_bytes(b'{"text": "not compressed"}\n')
+    whole = write_jsonl(tmp_path / "whole.jsonl.gz", [{"text": text} for text in DOCS]).read_bytes()
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    return [
+        (tmp_path / "binary.txt", "is not UTF-8 text"),
+        (tmp_path / "binary.jsonl", "is not UTF-8 text"),
+        (tmp_path / "plain.jsonl.gz", "is not a valid gzip file"),
+        (tmp_path / "cut.jsonl.gz", "is not a valid gzip file"),
+    ]
+
+
+def test_binary_or_broken_files_are_one_line_errors(tmp_path: Path, tiny_tokenizer) -> None:
+    for path, message in unreadable_files(tmp_path):
+        with pytest.raises(SemisparseError, match=message) as info:
+            read_texts(path)
+        assert "\n" not in str(info.value) and path.name in str(info.value)
+        with pytest.raises(SemisparseError, match=message):
+            calibration_ids(tiny_tokenizer, str(path), n_samples=2, seqlen=8)
+
+
+def test_prune_with_a_broken_calibration_file_is_one_line(tmp_path: Path, dense_dir: Path) -> None:
+    from click.testing import CliRunner
+
+    from semisparse.cli import main
+
+    for path, message in unreadable_files(tmp_path / "files"):
+        args = ["prune", str(dense_dir), "-o", str(tmp_path / "out"), "--calibration", str(path)]
+        result = CliRunner().invoke(main, [*args, "--nsamples", "2", "--seqlen", "16", "--quiet"])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+        assert not (tmp_path / "out").exists()
+
+
 def test_wikitext2_test_text_joins_rows_with_blank_lines(mirror: Path) -> None:
     write_jsonl(
         mirror / "Salesforce/wikitext/wikitext-2-raw-v1/test.jsonl",
         [{"text": ""}, {"text": " = Title = \n"}, {"text": " Body .\n"}],
     )
     assert wikitext2_test_text() == "\n\n = Title = \n\n\n Body .\n"
+
+
+def test_evaluation_text_from_wikitext2_or_a_file(mirror: Path, tmp_path: Path) -> None:
+    write_jsonl(mirror / "Salesforce/wikitext/wikitext-2-raw-v1/test.jsonl", [{"text": " A .\n"}])
+    assert evaluation_text("wikitext2") == (
+        " A .\n",
+        {"dataset": "wikitext2", "split": "wikitext-2-raw-v1/test"},
+    )
+    path = tmp_path / "eval.txt"
+    path.write_text("some text")
+    assert evaluation_text(str(path)) == ("some text", {"dataset": str(path), "sha256": file_sha256(path)})
+    with pytest.raises(SemisparseError, match="neither 'wikitext2' nor an existing text file"):
+        evaluation_text(str(tmp_path / "missing.txt"))
 
 
 def test_file_sha256(tmp_path: Path) -> None:

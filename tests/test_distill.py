@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from semisparse.errors import SemisparseError
 from semisparse.training.distill import distillation_loss, layerwise_loss
 
 
@@ -122,3 +123,72 @@ def test_huge_logit_gaps_stay_finite_and_match_float64():
     assert math.isfinite(loss.item())
     assert metrics["loss_task"] == pytest.approx(ce.item(), rel=1e-5)
     assert metrics["loss_kl"] == pytest.approx(kl.item(), rel=1e-5)
+
+
+def test_teacher_from_disk_or_from_the_student_is_frozen_and_equal(dense_dir):
+    from conftest import make_tiny_model
+
+    from semisparse.errors import SemisparseError
+    from semisparse.training.distill import Teacher
+
+    student = make_tiny_model("llama")
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    loaded = Teacher.from_model(str(dense_dir), student, "cpu")
+    copied = Teacher.from_model(student)
+    assert loaded.source == str(dense_dir)
+    for teacher in (loaded, copied):
+        assert not teacher.model.training and all(not p.requires_grad for p in teacher.model.parameters())
+        assert teacher.model is not student
+        with torch.no_grad():
+            torch.testing.assert_close(teacher(ids).logits, student(ids).logits)
+    assert copied(ids, hidden_states=True).hidden_states is not None
+    with pytest.raises(SemisparseError, match="teacher: "):
+        Teacher.from_model(str(dense_dir / "missing"), student)
+    other = make_tiny_model("gpt2")
+    other.resize_token_embeddings(128)
+    with pytest.raises(SemisparseError, match="has 128 output tokens, the student 256"):
+        Teacher.from_model(other, student)
+
+
+def test_distiller_is_the_distillation_loss_of_student_and_teacher_outputs():
+    from conftest import make_tiny_model
+
+    from semisparse.training.distill import Distiller, Teacher
+
+    student, teacher_model = make_tiny_model("llama", seed=0), make_tiny_model("llama", seed=1)
+    teacher = Teacher(teacher_model, "seed 1")
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
+    loss, metrics = Distiller(teacher, 0.3, 0.7, 2.0, layerwise=0.5).loss(student, ids)
+    out = student(input_ids=ids, output_hidden_states=True)
+    with torch.no_grad():
+        taught = teacher_model(input_ids=ids, output_hidden_states=True)
+    expected, _ = distillation_loss(out.logits, taught.logits, ids, 0.3, 0.7, 2.0)
+    layers = layerwise_loss(out.hidden_states[1:], taught.hidden_states[1:])
+    torch.testing.assert_close(loss, expected + 0.5 * layers)
+    assert metrics["loss_layerwise"] == pytest.approx(layers.item())
+    assert metrics["loss"] == pytest.approx(loss.item())
+    loss.backward()
+    assert all(p.grad is None for p in teacher_model.parameters())
+    plain, parts = Distiller(None, 1.0).loss(student, ids)
+    torch.testing.assert_close(plain, student(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-6)
+    assert "loss_kl" not in parts
+    with pytest.raises(ValueError, match="needs a teacher"):
+        Distiller(None, 1.0, 0.5)
+
+
+def test_dense_fine_tuning_can_distil_from_its_starting_point(dense_dir):
+    from semisparse.methods.dense import DenseConfig, DenseMethod
+
+    plain = DenseMethod.from_pretrained(str(dense_dir), DenseConfig(), 1, "cpu")
+    assert plain.teacher is None
+    distilled = DenseMethod.from_pretrained(
+        str(dense_dir), DenseConfig(distill=True, alpha_task=0.5, alpha_kl=0.5), 1, "cpu"
+    )
+    assert distilled.teacher is not None and distilled.teacher.model is not distilled.model
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(6))
+    loss, metrics = distilled.loss(ids, 0)
+    # The teacher starts equal to the student, so the KL term starts at zero.
+    assert metrics["loss_kl"] == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(loss, 0.5 * plain.loss(ids, 0)[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(SemisparseError, match="both 0"):
+        DenseConfig(distill=True, alpha_task=0, alpha_kl=0)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import isolated_cache, save_tiny_model, tiny_config, write_corpus  # noqa: F401
 
-from semisparse.methods.dense import DenseMethod, DenseSettings
+from semisparse.methods.dense import DenseConfig, DenseMethod
 from semisparse.training.checkpoint import list_checkpoints, read_meta
 from semisparse.training.loop import run
 
@@ -19,7 +19,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, isolated_cache):  # noqa
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     # One process: 4 sequences per step. Two processes: 2 each, the same 4 sequences in total.
     single = tiny_config(model, tmp_path / "single", corpus, steps=3, micro_batch=4, eval_windows=0)
-    run(single, DenseMethod.from_pretrained(str(model), DenseSettings(), 0, "cpu"), progress=False)
+    run(single, DenseMethod.from_pretrained(str(model), DenseConfig(), 0, "cpu"), progress=False)
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command += ["-m", "semisparse", "train", "dense", str(model), "-o", str(tmp_path / "pair")]

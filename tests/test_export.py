@@ -11,8 +11,10 @@ from semisparse.export import atomic_directory, ensure_output_available, provena
 def test_existing_output_is_refused_without_overwrite(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(SemisparseError, match="--overwrite"):
+    with pytest.raises(SemisparseError, match="choose another `out` or pass `overwrite`"):
         ensure_output_available(out, overwrite=False)
+    with pytest.raises(SemisparseError, match="choose another `report_dir` or pass `overwrite`"):
+        ensure_output_available(out, overwrite=False, name="report_dir")
     assert ensure_output_available(out, overwrite=True) == out
 
 

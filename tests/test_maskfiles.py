@@ -14,16 +14,16 @@ from semisparse.cli import main
 from semisparse.errors import SemisparseError
 from semisparse.maskfiles import apply_masks, load_masks, masks_from_model, save_masks, target_shapes
 from semisparse.maskllm import attach_learnable_masks, detach_learnable_masks, final_masks
-from semisparse.models import find_targets
+from semisparse.modules import find_targets
 from semisparse.nm import NMPattern
-from semisparse.pruning import prune
+from semisparse.pruning import MagnitudeConfig, prune
 
 TWO_FOUR = NMPattern(2, 4)
 
 
 def pruned_and_masks(arch):
     model = make_tiny_model(arch)
-    prune(model, "magnitude", TWO_FOUR, progress=False)
+    prune(model, MagnitudeConfig(pattern="2:4"), progress=False)
     return model, masks_from_model(model, TWO_FOUR)
 
 

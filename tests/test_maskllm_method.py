@@ -1,8 +1,8 @@
 """MaskLLM as a training method: regulariser sign, schedules, optimisation, resume state, export, settings."""
 
-import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,9 +23,10 @@ from semisparse.maskllm import (
     set_schedule,
 )
 from semisparse.maskllm.prior import one_shot_masks
-from semisparse.methods.maskllm import FLIP_EVERY, MaskLLMMethod, MaskLLMSettings
-from semisparse.models import find_targets, weight_matrix
+from semisparse.methods.maskllm import FLIP_EVERY, MaskLLMConfig, MaskLLMMethod
+from semisparse.modules import find_targets, weight_matrix
 from semisparse.nm import NMPattern
+from semisparse.pruning import MagnitudeConfig
 
 TOTAL_STEPS = 12
 
@@ -48,8 +49,13 @@ def calib_file(tmp_path_factory):
 def build(model_dir, total_steps=TOTAL_STEPS, **settings):
     settings.setdefault("prior", "magnitude")
     return MaskLLMMethod.from_pretrained(
-        str(model_dir), MaskLLMSettings(**settings), total_steps, "cpu", progress=False
+        str(model_dir), MaskLLMConfig(**settings), total_steps, "cpu", progress=False
     )
+
+
+def optim(lr=5e-4):
+    """The run's optimizer settings: `lr` is the peak lr of the logits (MaskLLM's default 5e-4)."""
+    return SimpleNamespace(lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
 
 
 def batch(seed=0):
@@ -57,9 +63,9 @@ def batch(seed=0):
     return torch.randint(0, 256, (4, 32), generator=generator)
 
 
-def train(method, steps, data):
+def train(method, steps, data, lr=5e-4):
     method.model.train()
-    optimizer = method.make_optimizer(method.parameter_groups(), None)
+    optimizer = method.make_optimizer(method.parameter_groups(), optim(lr))
     rows = []
     for step in range(steps):
         method.before_step(step)
@@ -133,16 +139,18 @@ def test_only_logits_are_optimised_with_adamw_095_and_no_decay(model_dir):
     method = build(model_dir)
     groups = method.parameter_groups()
     layers = learnable_layers(method.model)
-    assert len(groups) == 1 and groups[0]["lr"] == 5e-4 and groups[0]["weight_decay"] == 0.0
+    assert len(groups) == 1 and "lr" not in groups[0] and groups[0]["weight_decay"] == 0.0
     assert {id(p) for p in groups[0]["params"]} == {id(layer.logits) for layer in layers.values()}
     trainable = {name for name, p in method.model.named_parameters() if p.requires_grad}
     assert trainable == {f"{name}.logits" for name in layers}
-    optimizer = method.make_optimizer(groups, None)
+    optimizer = method.make_optimizer(groups, optim(5e-4))
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+    assert optimizer.param_groups[0]["lr"] == 5e-4  # the run's lr is the logits' lr
+    assert MaskLLMConfig.train_defaults == {"warmup_steps": 0, "lr": 5e-4}
 
 
 def test_a_few_optimisation_steps_lower_the_loss_and_leave_the_weights_frozen(model_dir):
-    method = build(model_dir, lr=1e-2)
+    method = build(model_dir)
     frozen = {k: v.clone() for k, v in method.model.state_dict().items() if not k.endswith(".logits")}
     data = batch()
 
@@ -154,7 +162,7 @@ def test_a_few_optimisation_steps_lower_the_loss_and_leave_the_weights_frozen(mo
 
     method.model.train()
     before = loss_with_fixed_noise()
-    optimizer, rows = train(method, TOTAL_STEPS, data)
+    optimizer, rows = train(method, TOTAL_STEPS, data, lr=1e-2)
     after = loss_with_fixed_noise()
     assert after < before - 0.05
     state = method.model.state_dict()
@@ -171,8 +179,8 @@ def test_a_few_optimisation_steps_lower_the_loss_and_leave_the_weights_frozen(mo
 
 
 def test_state_dict_round_trip_restores_the_run(model_dir, tmp_path):
-    method = build(model_dir, lr=1e-2)
-    train(method, 3, batch())
+    method = build(model_dir)
+    train(method, 3, batch(), lr=1e-2)
     torch.save({"model": method.model.state_dict(), "method": method.state_dict()}, tmp_path / "state.pt")
     saved = torch.load(tmp_path / "state.pt", weights_only=True)
     resumed = MaskLLMMethod.from_pretrained(
@@ -206,8 +214,8 @@ def test_mismatched_method_state_is_rejected(model_dir):
 
 
 def test_export_writes_a_plain_masked_model_and_public_masks(model_dir, tmp_path):
-    method = build(model_dir, lr=1e-2)
-    train(method, 2, batch())
+    method = build(model_dir)
+    train(method, 2, batch(), lr=1e-2)
     expected = final_masks(method.model)
     meta = method.export(tmp_path)
     assert isinstance(next(iter(learnable_layers(method.model).values())), LearnableMaskLinear)
@@ -245,7 +253,7 @@ def test_sparsegpt_prior_uses_calibration_data(model_dir, calib_file):
 
 def test_prior_mask_file_is_the_transfer_prior(model_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    masks = one_shot_masks(model, "magnitude", NMPattern(2, 4), progress=False)
+    masks, _ = one_shot_masks(model, None, MagnitudeConfig(pattern="2:4"), progress=False)
     masks = {name: mask.flip(-1) for name, mask in masks.items()}  # a prior magnitude would not pick
     save_masks(masks, tmp_path / "general.npz")
     method = build(model_dir, prior="sparsegpt", prior_mask=str(tmp_path / "general.npz"), alpha=20.0)
@@ -258,7 +266,8 @@ def test_prior_mask_file_is_the_transfer_prior(model_dir, tmp_path):
 def test_no_prior_starts_from_random_logits(model_dir):
     method = build(model_dir, prior="none")
     assert method.prior_info == {"source": "none"}
-    magnitude = one_shot_masks(AutoModelForCausalLM.from_pretrained(model_dir), "magnitude", NMPattern(2, 4))
+    dense = AutoModelForCausalLM.from_pretrained(model_dir)
+    magnitude, _ = one_shot_masks(dense, None, MagnitudeConfig(pattern="2:4"), progress=False)
     agree = np.mean([bool(torch.equal(m, magnitude[n])) for n, m in final_masks(method.model).items()])
     assert agree == 0.0
     assert method.after_step(FLIP_EVERY - 1)["flip_vs_prior"] == 0.0
@@ -266,17 +275,17 @@ def test_no_prior_starts_from_random_logits(model_dir):
 
 def test_joint_mode_trains_weights_with_distillation(model_dir):
     pytest.importorskip("semisparse.training.distill")
-    method = build(model_dir, lr=1e-2, train_weights=True, weight_lr=1e-3, distill=True, alpha_kl=1.0)
+    method = build(model_dir, train_weights=True, weight_lr=1e-3, distill=True, alpha_kl=1.0)
     groups = method.parameter_groups()
     assert [g["name"] for g in groups] == ["logits", "weights"] and groups[1]["lr"] == 1e-3
     layer = next(iter(learnable_layers(method.model).values()))
     before = layer.weight.detach().clone()
-    teacher_before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
-    _, rows = train(method, 2, batch())
+    teacher_before = {k: v.clone() for k, v in method.teacher.model.state_dict().items()}
+    _, rows = train(method, 2, batch(), lr=1e-2)
     assert "loss_kl" in rows[0] and rows[0]["loss_kl"] >= 0
     assert not torch.equal(layer.weight, before)
-    assert all(torch.equal(v, teacher_before[k]) for k, v in method.teacher.state_dict().items())
-    assert method.teacher.training is False
+    assert all(torch.equal(v, teacher_before[k]) for k, v in method.teacher.model.state_dict().items())
+    assert method.teacher.model.training is False
 
 
 def test_memory_per_weight_counts_logits_and_adam_state(model_dir):
@@ -292,18 +301,19 @@ def test_memory_per_weight_counts_logits_and_adam_state(model_dir):
 BAD_SETTINGS = [
     ({"pattern": "4:2"}, "N must be smaller than M"),
     ({"pattern": "two:four"}, "write it as N:M"),
-    ({"prior": "owl"}, "unknown prior 'owl'"),
-    ({"prior_mask": ""}, "prior_mask must be the path of a mask file"),
-    ({"tau_end": 0}, "tau_end must be finite and positive"),
-    ({"kappa_start": -1.0}, "kappa_start must be finite and positive"),
-    ({"reg_start": -1e-5}, "reg_start must be finite and >= 0"),
-    ({"lr": 0.0}, "lr must be finite and positive"),
-    ({"alpha": math.nan}, "alpha must be finite"),
-    ({"alpha": math.inf}, "alpha must be finite"),
-    ({"temperature": 0}, r"temperature must be finite and positive .*--set temperature=\.\.\."),
-    ({"calibration_nsamples": 0}, "calibration_nsamples must be a positive integer"),
-    ({"calibration_seqlen": 2.5}, r"calibration_seqlen must be a positive integer \(got 2\.5\)"),
-    ({"hard": "yes"}, "hard must be true or false"),
+    ({"prior": "owl"}, "unknown prior 'owl': use one of none, magnitude"),
+    ({"prior_mask": 5}, "`prior_mask`=5 must be a string or None"),
+    ({"tau_end": 0}, "`tau_end`=0.0 must be > 0"),
+    ({"kappa_start": -1.0}, "`kappa_start`=-1.0 must be > 0"),
+    ({"reg_start": -1e-5}, "`reg_start`=-1e-05 must be >= 0"),
+    ({"weight_lr": 0.0}, "`weight_lr`=0.0 must be > 0"),
+    ({"alpha": math.nan}, "`alpha`=nan must be a finite number"),
+    ({"alpha": math.inf}, "`alpha`=inf must be a finite number"),
+    ({"temperature": 0}, "maskllm setting `temperature`=0.0 must be > 0"),
+    ({"calibration_nsamples": 0}, "`calibration_nsamples`=0 must be >= 1"),
+    ({"calibration_seqlen": 2.5}, r"`calibration_seqlen`=2\.5 must be a whole number"),
+    ({"hard": "maybe"}, "`hard`='maybe' must be true or false"),
+    ({"calibration": ""}, "`calibration` must name c4, wikipedia or a text file"),
     ({"distill": True, "alpha_task": 0.0, "alpha_kl": 0.0}, "both 0"),
 ]
 
@@ -311,16 +321,32 @@ BAD_SETTINGS = [
 @pytest.mark.parametrize(("changes", "message"), BAD_SETTINGS, ids=[str(c) for c, _ in BAD_SETTINGS])
 def test_bad_settings_are_rejected_with_one_line(changes, message):
     with pytest.raises(SemisparseError, match=message) as info:
-        MaskLLMSettings(**changes)
+        MaskLLMConfig(**changes)
     assert "\n" not in str(info.value)
 
 
 def test_settings_round_trip_and_unknown_keys():
-    settings = MaskLLMSettings(pattern="4:8", prior="wanda", alpha=1.5, hard=True)
-    assert MaskLLMSettings.from_dict(settings.to_dict()) == settings
-    assert dataclasses.asdict(settings)["pattern"] == "4:8"
+    settings = MaskLLMConfig(pattern="4:8", prior="wanda", alpha=1.5, hard=True)
+    assert MaskLLMConfig.from_mapping(settings.to_dict()) == settings
+    assert settings.to_dict()["pattern"] == "4:8"
+    assert MaskLLMConfig.from_mapping({"hard": "yes", "alpha": "2", "prior_mask": "none"}).hard is True
     with pytest.raises(SemisparseError, match="unknown maskllm setting"):
-        MaskLLMSettings.from_dict({"temprature": 2.0})
+        MaskLLMConfig.from_mapping({"temprature": 2.0})
+    with pytest.raises(SemisparseError, match=r"unknown maskllm setting\(s\) lr"):
+        MaskLLMConfig.from_mapping({"lr": 1e-3})  # the run's `lr` is the logits' lr
+
+
+def test_any_registered_pruner_is_a_prior(monkeypatch):
+    from dataclasses import replace
+
+    from semisparse import registry
+
+    monkeypatch.setitem(
+        registry._ENTRIES,
+        ("pruner", "other"),
+        replace(registry.lookup("pruner", "magnitude"), name="other"),
+    )
+    assert MaskLLMConfig(prior="other").prior == "other"
 
 
 def test_total_steps_must_be_positive(model_dir):

@@ -5,6 +5,7 @@ import torch
 from conftest import make_tiny_model
 
 from semisparse import nm
+from semisparse.calibration import Calibration
 from semisparse.errors import SemisparseError
 from semisparse.maskfiles import to_matrix_layout
 from semisparse.maskllm import (
@@ -14,8 +15,9 @@ from semisparse.maskllm import (
     one_shot_masks,
     prior_logits,
 )
-from semisparse.models import find_targets, weight_matrix
+from semisparse.modules import find_targets, weight_matrix
 from semisparse.nm import NMPattern
+from semisparse.pruning import MagnitudeConfig, pruner_config
 
 TWO_FOUR = NMPattern(2, 4)
 
@@ -51,7 +53,7 @@ def test_alpha_zero_leaves_the_logits_unchanged():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_argmax_after_a_strong_prior_is_the_prior_mask(arch):
     model = make_tiny_model(arch)
-    prior = one_shot_masks(model, "magnitude", TWO_FOUR, progress=False)
+    prior = one_shot_masks(model, None, MagnitudeConfig(), progress=False)[0]
     attach_learnable_masks(model, TWO_FOUR, prior, alpha=20.0)
     learned = final_masks(model)
     assert set(learned) == set(prior)
@@ -61,7 +63,7 @@ def test_argmax_after_a_strong_prior_is_the_prior_mask(arch):
 
 def test_default_prior_strength_mostly_but_not_always_keeps_the_prior():
     model = make_tiny_model("llama")
-    prior = one_shot_masks(model, "magnitude", TWO_FOUR, progress=False)
+    prior = one_shot_masks(model, None, MagnitudeConfig(), progress=False)[0]
     attach_learnable_masks(model, TWO_FOUR, prior, alpha=3.0)
     learned = final_masks(model)
     agree = sum(int(torch.equal(a, b)) for a, b in zip(learned.values(), prior.values(), strict=True))
@@ -74,12 +76,14 @@ def test_default_prior_strength_mostly_but_not_always_keeps_the_prior():
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
-def test_one_shot_masks_are_n_m_and_leave_the_weights_untouched(method):
+def test_one_shot_masks_are_n_m_and_leave_the_weights_untouched(method, tiny_tokenizer, calib_file):
     model = make_tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    torch.manual_seed(0)
-    ids = torch.randint(0, 256, (4, 32))
-    masks = one_shot_masks(model, method, TWO_FOUR, None if method == "magnitude" else ids, progress=False)
+    calibration = Calibration(source=str(calib_file), nsamples=4, seqlen=32)
+    masks, info = one_shot_masks(
+        model, tiny_tokenizer, pruner_config(method, pattern="2:4"), calibration, progress=False
+    )
+    assert (info is None) == (method == "magnitude")
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     targets = find_targets(model)
@@ -95,21 +99,21 @@ def test_one_shot_masks_are_n_m_and_leave_the_weights_untouched(method):
 
 def test_one_shot_masks_use_the_parameter_layout_for_conv1d():
     model = make_tiny_model("gpt2")
-    masks = one_shot_masks(model, "magnitude", TWO_FOUR, progress=False)
+    masks = one_shot_masks(model, None, MagnitudeConfig(), progress=False)[0]
     module = model.transformer.h[0].attn.c_attn
     mask = masks["transformer.h.0.attn.c_attn.weight"]
     assert mask.shape == module.weight.shape == (64, 192)
     assert torch.equal(mask.t(), nm.nm_mask(module.weight.t().abs(), 2, 4))
 
 
-def test_unknown_prior_method_is_rejected():
-    with pytest.raises(SemisparseError, match="unknown prior 'owl'"):
-        one_shot_masks(make_tiny_model("llama"), "owl", TWO_FOUR)
+def test_a_prior_needs_an_n_m_pattern():
+    with pytest.raises(SemisparseError, match="needs an N:M `pattern`"):
+        one_shot_masks(make_tiny_model("llama"), None, MagnitudeConfig(sparsity=0.5))
 
 
 def test_prior_masks_that_do_not_fit_are_rejected():
     model = make_tiny_model("llama")
-    prior = one_shot_masks(model, "magnitude", TWO_FOUR, progress=False)
+    prior = one_shot_masks(model, None, MagnitudeConfig(), progress=False)[0]
     name = next(iter(prior))
     prior[name] = torch.ones_like(prior[name])
     with pytest.raises(

@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from train_helpers import isolated_cache, save_tiny_model, tiny_config, untimed_rows, write_corpus  # noqa: F401
 
 from semisparse.cli import main
-from semisparse.methods.maskllm import MaskLLMMethod, MaskLLMSettings
+from semisparse.methods.maskllm import MaskLLMConfig, MaskLLMMethod
 from semisparse.nm import is_nm
 from semisparse.training.loop import TrainingInterrupted, run
 
-SETTINGS = MaskLLMSettings(prior="magnitude", lr=1e-2)
+SETTINGS = MaskLLMConfig(prior="magnitude")
 
 
 class InterruptedMaskLLM(MaskLLMMethod):
@@ -46,7 +46,14 @@ def setup(tmp_path):
 
 def test_interrupted_and_resumed_maskllm_run_is_bit_identical(setup):
     tmp_path, model, corpus = setup
-    common = {"steps": 4, "grad_accum": 2, "eval_every": 2, "method_name": "maskllm", "warmup_steps": 0}
+    common = {
+        "steps": 4,
+        "grad_accum": 2,
+        "eval_every": 2,
+        "method_name": "maskllm",
+        "warmup_steps": 0,
+        "lr": 1e-2,
+    }
     full = tiny_config(model, tmp_path / "full", corpus, **common)
     run(full, build(MaskLLMMethod, full), progress=False)
 
@@ -72,7 +79,7 @@ def test_interrupted_and_resumed_maskllm_run_is_bit_identical(setup):
     assert "flip_vs_prior" in train_rows[-1]
 
 
-def test_cli_lr_sets_the_logits_learning_rate_unless_set_overrides_it(setup, monkeypatch):
+def test_cli_lr_is_the_logits_learning_rate_with_maskllm_defaults(setup, monkeypatch):
     import importlib
 
     import semisparse.training.loop as loop
@@ -82,17 +89,50 @@ def test_cli_lr_sets_the_logits_learning_rate_unless_set_overrides_it(setup, mon
     tmp_path, model, corpus = setup
     seen = []
 
-    def launch(config, *args, **kwargs):
-        seen.append(config.method["lr"])
+    def launch(config, make_method, **kwargs):
+        seen.append((config.lr, config.warmup_steps))
         return tmp_path
 
     monkeypatch.setattr(loop, "launch", launch)
     monkeypatch.setattr(cli_train, "_summary", lambda model_dir: "")
     common = ["train", "maskllm", str(model), "--corpus", str(corpus), "--tokens", "256", "--seq-len", "32"]
-    for extra in (["--lr", "0.003"], ["--lr", "0.003", "--set", "lr=0.02"], []):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("lr: 0.02\nmethod:\n  prior: magnitude\n")
+    for extra in (
+        ["--lr", "0.003"],
+        [],
+        ["--recipe", str(recipe)],
+        ["--recipe", str(recipe), "--lr", "0.003"],
+    ):
         result = CliRunner().invoke(main, [*common, "-o", str(tmp_path / f"lr{len(seen)}"), *extra])
         assert result.exit_code == 0, result.output + result.stderr
-    assert seen == [0.003, 0.02, 5e-4]
+    assert seen == [(0.003, 0), (5e-4, 0), (0.02, 0), (0.003, 0)]
+    # The logits' lr is a training setting now, not a MaskLLM one.
+    result = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "bad"), "--set", "lr=0.02"])
+    assert result.exit_code == 2 and "unknown maskllm setting(s) lr" in result.stderr
+
+
+def test_the_run_lr_is_the_logits_peak_lr(setup):
+    from semisparse.training.recipe import method_factory, train_configs
+
+    tmp_path, model, corpus = setup
+    config, settings = train_configs(
+        "maskllm",
+        overrides={
+            "model": str(model),
+            "output": str(tmp_path / "run"),
+            "corpus": str(corpus),
+            "lr": "0.003",
+        },
+        method_settings={"prior": "magnitude"},
+    )
+    assert (config.lr, config.warmup_steps, config.method["prior"]) == (0.003, 0, "magnitude")
+    method = method_factory(config, settings, progress=False)(1, "cpu", True)
+    optimizer = method.make_optimizer(method.parameter_groups(), config)
+    logits = {id(layer.logits) for layer in method.layers.values()}
+    assert [
+        group["lr"] for group in optimizer.param_groups if {id(p) for p in group["params"]} == logits
+    ] == [0.003]
 
 
 def test_cli_train_maskllm_writes_a_2_4_model_and_mask_file(setup):
@@ -103,7 +143,7 @@ def test_cli_train_maskllm_writes_a_2_4_model_and_mask_file(setup):
         "train", "maskllm", str(model), "-o", str(tmp_path / "run"), "--corpus", str(corpus),
         "--tokens", "256", "--seq-len", "32", "--micro-batch", "2", "--eval-windows", "1",
         "--eval-seqlen", "32", "--eval-corpus", str(eval_text), "--quiet",
-        "--set", "prior=magnitude", "--set", "lr=0.01", "--set", "hard=true",
+        "--set", "prior=magnitude", "--lr", "0.01", "--set", "hard=true",
     ]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output + result.stderr
@@ -111,7 +151,7 @@ def test_cli_train_maskllm_writes_a_2_4_model_and_mask_file(setup):
     meta = json.loads((out / "semisparse.json").read_text())
     assert meta["method"] == "maskllm" and meta["pattern"] == "2:4" and meta["base_model"] == str(model)
     assert meta["settings"]["hard"] is True and meta["training"]["steps"] == 4
-    assert meta["settings"]["lr"] == 0.01
+    assert meta["training"]["config"]["lr"] == 0.01
     weights = load_file(out / "model.safetensors")
     assert is_nm(weights["transformer.h.0.mlp.c_fc.weight"].t(), 2, 4)
     with np.load(out / "masks.npz") as masks:

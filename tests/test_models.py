@@ -7,44 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCHS, make_tiny_model, make_tiny_tokenizer
+from conftest import make_tiny_model, make_tiny_tokenizer
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from transformers.pytorch_utils import Conv1D
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from semisparse import models
 from semisparse.data import file_sha256
 from semisparse.errors import SemisparseError
-from semisparse.models import (
-    context_length,
-    decoder_blocks,
-    find_targets,
-    load_model,
-    load_tokenizer,
-    resolve_model_path,
-    set_weight_matrix,
-    weight_matrix,
-)
-
-LLAMA_BLOCK = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-]
-BLOCK_TARGETS = {
-    "llama": ("model.layers", LLAMA_BLOCK),
-    "qwen2": ("model.layers", LLAMA_BLOCK),
-    "mistral": ("model.layers", LLAMA_BLOCK),
-    "opt": (
-        "model.decoder.layers",
-        ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj", "fc1", "fc2"],
-    ),
-    "gpt2": ("transformer.h", ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]),
-}
+from semisparse.models import load_model, load_tokenizer, resolve_model_path
+from semisparse.modules import find_targets
 
 
 @pytest.fixture
@@ -52,113 +23,6 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "cache"
     monkeypatch.setenv("SEMISPARSE_CACHE_DIR", str(root))
     return root
-
-
-def test_find_targets_selects_every_block_linear_in_model_order(tiny_model: nn.Module) -> None:
-    prefix, per_block = BLOCK_TARGETS[tiny_model.config.model_type]
-    targets = find_targets(tiny_model)
-    expected = [f"{prefix}.{i}.{suffix}" for i in range(2) for suffix in per_block]
-    assert list(targets) == expected
-    named = dict(tiny_model.named_modules())
-    assert all(targets[name] is named[name] for name in targets)
-    assert all(isinstance(module, nn.Linear | Conv1D) for module in targets.values())
-
-
-def test_decoder_blocks_are_the_family_block_list(tiny_model: nn.Module) -> None:
-    prefix, _ = BLOCK_TARGETS[tiny_model.config.model_type]
-    blocks = decoder_blocks(tiny_model)
-    assert blocks is dict(tiny_model.named_modules())[prefix]
-    assert len(blocks) == tiny_model.config.num_hidden_layers == 2
-
-
-class _Wrapped(nn.Module):
-    """An unknown architecture whose blocks live under an unusual attribute name."""
-
-    def __init__(self, n_layers: int) -> None:
-        super().__init__()
-        self.config = LlamaConfig(num_hidden_layers=n_layers)
-        self.heads = nn.ModuleList([nn.Linear(8, 8)])
-        self.stack = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8)) for _ in range(n_layers))
-        self.lm_head = nn.Linear(8, 8)
-
-
-def test_decoder_blocks_generic_fallback_matches_num_hidden_layers() -> None:
-    model = _Wrapped(3)
-    assert decoder_blocks(model) is model.stack
-    assert list(find_targets(model)) == [f"stack.{i}.{j}" for i in range(3) for j in range(2)]
-
-
-def test_decoder_blocks_unknown_model_is_a_user_error() -> None:
-    with pytest.raises(SemisparseError, match="decoder blocks"):
-        decoder_blocks(nn.Sequential(nn.Linear(4, 4)))
-
-
-def test_include_and_exclude_patterns() -> None:
-    model = make_tiny_model("llama")
-    mlp = find_targets(model, include=["*.mlp.*"])
-    assert list(mlp) == [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")]
-    no_first_block = find_targets(model, exclude=["model.layers.0.*"])
-    assert len(no_first_block) == 7
-    assert all(name.startswith("model.layers.1.") for name in no_first_block)
-    both = find_targets(model, include=["*.mlp.*", "*.q_proj"], exclude=["*.down_proj"])
-    kept = ("self_attn.q_proj", "mlp.gate_proj", "mlp.up_proj")
-    assert list(both) == [f"model.layers.{i}.{s}" for i in range(2) for s in kept]
-    with pytest.raises(SemisparseError, match="no layers to prune"):
-        find_targets(model, include=["*.nonexistent"])
-
-
-def test_non_multiple_input_size_names_layer_and_fix() -> None:
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=90,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=256,
-    )
-    model = LlamaForCausalLM(config)
-    with pytest.raises(SemisparseError) as caught:
-        find_targets(model, m=4)
-    message = str(caught.value)
-    assert "model.layers.0.mlp.down_proj has 90 inputs, not a multiple of 4" in message
-    assert "--exclude 'model.layers.0.mlp.down_proj'" in message
-    assert len(find_targets(model, exclude=["*.down_proj"], m=4)) == 12
-    assert len(find_targets(model, m=2)) == 14
-
-
-def test_weight_matrix_is_out_by_in_and_set_round_trips(tiny_model: nn.Module) -> None:
-    torch.manual_seed(1)
-    for name, module in find_targets(tiny_model).items():
-        w = weight_matrix(module)
-        out_features, in_features = w.shape
-        x = torch.randn(3, in_features)
-        bias = module.bias if module.bias is not None else torch.zeros(out_features)
-        with torch.no_grad():
-            torch.testing.assert_close(module(x), x @ w.T + bias, msg=name)
-            new = torch.randn(out_features, in_features)
-            set_weight_matrix(module, new)
-            torch.testing.assert_close(module(x), x @ new.T + bias, msg=name)
-        torch.testing.assert_close(weight_matrix(module), new)
-        if isinstance(module, Conv1D):
-            assert module.weight.shape == (in_features, out_features)
-            torch.testing.assert_close(module.weight, new.T)
-
-
-def test_set_weight_matrix_rejects_wrong_shape() -> None:
-    module = make_tiny_model("gpt2").transformer.h[0].attn.c_attn
-    with pytest.raises(ValueError, match="does not fit"):
-        set_weight_matrix(module, torch.zeros(64, 192))
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_context_length(arch: str) -> None:
-    assert context_length(make_tiny_model(arch)) == 256
-
-
-def test_context_length_without_config_is_a_user_error() -> None:
-    with pytest.raises(SemisparseError, match="--seqlen"):
-        context_length(nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize(

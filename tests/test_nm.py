@@ -151,6 +151,15 @@ def test_is_nm_counts_non_zeros_not_positions() -> None:
     assert not nm.is_nm(torch.zeros(2, 6), 2, 4)
 
 
+def test_is_nm_exact_needs_n_in_every_group() -> None:
+    mask = torch.tensor([[True, False, True, False, False, True, True, False]])
+    assert nm.is_nm(mask, 2, 4, exact=True) and nm.is_nm(mask, 2, 4)
+    short = mask.clone()
+    short[0, 0] = False
+    assert nm.is_nm(short, 2, 4) and not nm.is_nm(short, 2, 4, exact=True)
+    assert not nm.is_nm(torch.ones(1, 6, dtype=torch.bool), 3, 4, exact=True)
+
+
 def test_sparsity_fraction_of_exact_zeros() -> None:
     assert nm.sparsity(torch.tensor([0.0, 1e-30, -0.0, 2.0])) == 0.5
     assert nm.sparsity(torch.zeros(3, 4)) == 1.0

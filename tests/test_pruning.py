@@ -8,11 +8,11 @@ import torch
 from conftest import ARCHS, VOCAB_SIZE, make_tiny_model
 from torch import nn
 
-from semisparse import nm
+from semisparse import nm, registry
 from semisparse.errors import SemisparseError
-from semisparse.models import decoder_blocks, find_targets, weight_matrix
+from semisparse.modules import decoder_blocks, find_targets, layer_filter, weight_matrix
 from semisparse.nm import NMPattern
-from semisparse.pruning import PRUNING_METHODS, prune
+from semisparse.pruning import MagnitudeConfig, prune, pruner_config
 from semisparse.pruning.engine import run_sequential
 from semisparse.pruning.magnitude import magnitude_mask, prune_magnitude
 from semisparse.pruning.wanda import WandaPruner, wanda_mask
@@ -61,13 +61,13 @@ PATTERN_CASES = [(arch, "2:4") for arch in ARCHS] + [
 
 
 @pytest.mark.parametrize("arch, pattern", PATTERN_CASES)
-@pytest.mark.parametrize("method", PRUNING_METHODS)
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_every_target_follows_the_pattern(arch: str, method: str, pattern: str) -> None:
     model = make_tiny_model(arch)
     untouched = state_outside_targets(model)
     parsed = nm.parse_pattern(pattern)
     ids = calibration(4, 16) if method != "magnitude" else None
-    per_layer = prune(model, method=method, pattern=parsed, calibration_ids=ids, progress=False)
+    per_layer = prune(model, pruner_config(method, pattern=pattern), calibration_ids=ids, progress=False)
 
     targets = find_targets(model)
     assert list(per_layer) == list(targets)
@@ -85,7 +85,7 @@ def test_every_target_follows_the_pattern(arch: str, method: str, pattern: str) 
 def test_unstructured_prunes_the_exact_fraction_of_every_row(method: str) -> None:
     model = make_tiny_model("llama")
     ids = calibration(4, 16) if method == "wanda" else None
-    per_layer = prune(model, method=method, sparsity=0.5, calibration_ids=ids, progress=False)
+    per_layer = prune(model, pruner_config(method, sparsity=0.5), calibration_ids=ids, progress=False)
     for name, module in find_targets(model).items():
         weight = weight_matrix(module)
         zeros_per_row = (weight == 0).sum(dim=1)
@@ -96,7 +96,7 @@ def test_unstructured_prunes_the_exact_fraction_of_every_row(method: str) -> Non
 def test_sparsegpt_unstructured_reaches_the_requested_sparsity() -> None:
     model = make_tiny_model("qwen2")
     per_layer = prune(
-        model, method="sparsegpt", sparsity=0.6, calibration_ids=calibration(4, 16), progress=False
+        model, pruner_config("sparsegpt", sparsity=0.6), calibration_ids=calibration(4, 16), progress=False
     )
     for name, module in find_targets(model).items():
         weight = weight_matrix(module)
@@ -139,7 +139,7 @@ def test_wanda_mask_weighs_magnitude_by_input_norm(pattern: NMPattern | None, sp
 def test_model_level_magnitude_uses_each_layers_own_weights() -> None:
     model = make_tiny_model("gpt2")
     before = {name: weight_matrix(m).detach().clone() for name, m in find_targets(model).items()}
-    prune(model, method="magnitude", pattern=NMPattern(2, 4), progress=False)
+    prune(model, MagnitudeConfig(pattern="2:4"), progress=False)
     for name, module in find_targets(model).items():
         keep = magnitude_mask(before[name], NMPattern(2, 4), None)
         assert torch.equal(
@@ -178,13 +178,13 @@ def test_engine_calibrates_each_block_on_the_pruned_blocks_before_it(
             used[next(n for n, m in find_targets(model).items() if m is self.module)] = self
             super().prune()
 
-    monkeypatch.setattr("semisparse.pruning.WandaPruner", RecordingWanda)
+    monkeypatch.setattr("semisparse.pruning.wanda.WandaPruner", RecordingWanda)
     model = make_tiny_model(arch)
     ids = calibration(6, 24)
     names = BLOCK1_INPUT_LAYERS[arch]
     dense_norms = input_sq_norms(model, names, ids)
 
-    prune(model, method="wanda", pattern=NMPattern(2, 4), calibration_ids=ids, progress=False)
+    prune(model, pruner_config("wanda", pattern="2:4"), calibration_ids=ids, progress=False)
     assert set(used) == set(find_targets(model))
     pruned_norms = input_sq_norms(model, names, ids)
     for name in names:
@@ -229,11 +229,9 @@ def test_engine_restores_the_model_even_when_calibration_fails() -> None:
 def test_explicit_device_prunes_like_the_models_own_and_leaves_the_model_in_place(device: str) -> None:
     ids = calibration(4, 16)
     reference = make_tiny_model("gpt2")
-    prune(reference, method="sparsegpt", pattern=NMPattern(2, 4), calibration_ids=ids, progress=False)
+    prune(reference, pruner_config("sparsegpt"), calibration_ids=ids, progress=False)
     model = make_tiny_model("gpt2")
-    prune(
-        model, method="sparsegpt", pattern=NMPattern(2, 4), calibration_ids=ids, device=device, progress=False
-    )
+    prune(model, pruner_config("sparsegpt"), calibration_ids=ids, device=device, progress=False)
 
     assert all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
     assert model.lm_head.weight is model.transformer.wte.weight, "tied embeddings were untied"
@@ -250,11 +248,9 @@ def test_only_selected_layers_are_pruned() -> None:
     model = make_tiny_model("mistral")
     per_layer = prune(
         model,
-        method="wanda",
-        pattern=NMPattern(2, 4),
+        pruner_config("wanda", pattern="2:4"),
+        layer_filter(include=["*.mlp.*"], exclude=["*.0.mlp.down_proj"]),
         calibration_ids=calibration(2, 8),
-        include=["*.mlp.*"],
-        exclude=["*.0.mlp.down_proj"],
         progress=False,
     )
     assert set(per_layer) == {
@@ -265,32 +261,35 @@ def test_only_selected_layers_are_pruned() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "settings, calibration_ids, message",
     [
-        ({"method": "obs", "pattern": NMPattern(2, 4)}, "unknown pruning method"),
-        ({"method": "wanda", "pattern": NMPattern(2, 4)}, "calibration"),
-        ({"method": "sparsegpt", "pattern": NMPattern(2, 4)}, "calibration"),
-        ({"method": "magnitude", "pattern": NMPattern(2, 4), "sparsity": 0.5}, "exactly one"),
-        ({"method": "magnitude"}, "exactly one"),
-        ({"method": "magnitude", "sparsity": 1.0}, "outside"),
-        (
-            {"method": "wanda", "sparsity": 0.5, "calibration_ids": torch.zeros(0, 16, dtype=torch.long)},
-            "sample",
-        ),
-        (
-            {
-                "method": "sparsegpt",
-                "pattern": NMPattern(2, 4),
-                "calibration_ids": calibration(),
-                "blocksize": 6,
-            },
-            "blocksize",
-        ),
+        ({"method": "obs", "pattern": "2:4"}, None, "unknown pruner 'obs'"),
+        ({"method": "wanda", "pattern": "2:4"}, None, "calibration"),
+        ({"method": "sparsegpt", "pattern": "2:4"}, None, "calibration"),
+        ({"method": "magnitude", "pattern": "2:4", "sparsity": 0.5}, None, "exactly one"),
+        ({"method": "magnitude", "sparsity": 1.0}, None, "outside"),
+        ({"method": "wanda", "sparsity": 0.5}, torch.zeros(0, 16, dtype=torch.long), "sample"),
+        ({"method": "sparsegpt", "pattern": "2:4", "blocksize": 6}, calibration(), "blocksize"),
+        ({"method": "magnitude", "blocksize": 128}, None, "unknown magnitude setting.*valid: pattern"),
+        ({"method": "sparsegpt", "percdamp": "lots"}, calibration(), "percdamp.*must be a number"),
     ],
 )
-def test_bad_requests_raise_a_user_error(kwargs: dict, message: str) -> None:
+def test_bad_requests_raise_a_user_error(
+    settings: dict, calibration_ids: torch.Tensor | None, message: str
+) -> None:
     model = make_tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(SemisparseError, match=message):
-        prune(model, progress=False, **kwargs)
+        prune(model, pruner_config(**settings), calibration_ids=calibration_ids, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_pruner_config_without_pattern_or_sparsity_means_two_of_four() -> None:
+    assert MagnitudeConfig().pattern == "2:4"
+    assert MagnitudeConfig(sparsity=0.5).pattern is None
+
+
+def test_pruner_facts_come_from_the_registry() -> None:
+    facts = {name: registry.lookup("pruner", name) for name in ("magnitude", "wanda", "sparsegpt")}
+    assert [entry.needs_calibration for entry in facts.values()] == [False, True, True]
+    assert [entry.updates_kept_weights for entry in facts.values()] == [False, False, True]

@@ -8,9 +8,9 @@ from conftest import make_tiny_model
 
 from semisparse import nm
 from semisparse.errors import SemisparseError
-from semisparse.models import find_targets, weight_matrix
-from semisparse.pruning import prune
-from semisparse.quantization import gptq_quantize_weight, quantize, rtn_quantize
+from semisparse.modules import find_targets, weight_matrix
+from semisparse.pruning import MagnitudeConfig, prune
+from semisparse.quantization import RTNConfig, gptq_quantize_weight, quantize, quantizer_config, rtn_quantize
 from semisparse.quantization.rtn import expand_groups, grid_zeros
 
 
@@ -108,10 +108,12 @@ def test_act_order_helps_when_late_inputs_carry_most_of_the_energy() -> None:
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_quantize_model_keeps_pattern_and_returns_codes(arch: str, method: str) -> None:
     model = make_tiny_model(arch)
-    prune(model, "magnitude", "2:4")
+    prune(model, MagnitudeConfig())
     before = {name: weight_matrix(m).detach().clone() for name, m in find_targets(model).items()}
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    result = quantize(model, bits=4, group_size=32, method=method, calibration_ids=ids, progress=False)
+    result = quantize(
+        model, quantizer_config(method, bits=4, group_size=32), calibration_ids=ids, progress=False
+    )
     assert set(result) == set(before)
     for name, module in find_targets(model).items():
         after = weight_matrix(module)
@@ -124,11 +126,11 @@ def test_quantize_model_keeps_pattern_and_returns_codes(arch: str, method: str) 
 
 def test_bad_settings_are_user_errors() -> None:
     model = make_tiny_model("llama")
-    with pytest.raises(SemisparseError, match="use 4 or 8"):
-        quantize(model, bits=3)
-    with pytest.raises(SemisparseError, match="group-size"):
-        quantize(model, group_size=0)
+    with pytest.raises(SemisparseError, match="`bits`=3 must be one of 4, 8"):
+        quantize(model, RTNConfig(bits=3))
+    with pytest.raises(SemisparseError, match="`group_size`=0 must be >= 1"):
+        quantize(model, RTNConfig(group_size=0))
     with pytest.raises(SemisparseError, match="calibration"):
-        quantize(model, method="gptq")
-    with pytest.raises(SemisparseError, match="unknown quantization method"):
-        quantize(model, method="awq")
+        quantize(model, quantizer_config("gptq"))
+    with pytest.raises(SemisparseError, match="unknown quantizer 'awq'"):
+        quantize(model, quantizer_config("awq"))

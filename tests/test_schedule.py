@@ -1,4 +1,4 @@
-"""Warm-up + cosine learning-rate schedule (METHODS.md §2.6)."""
+"""Warm-up + cosine learning-rate schedule (`../shared/METHODS.md` §2.6)."""
 
 import itertools
 import math

@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from semisparse import nm
 from semisparse.errors import SemisparseError
-from semisparse.models import find_targets, load_model, weight_matrix
+from semisparse.models import load_model
+from semisparse.modules import find_targets, weight_matrix
 from semisparse.sparse import (
     SLORB_FILE,
     SLoRB,
@@ -163,3 +164,13 @@ def test_attach_rejects_a_file_of_another_model(tmp_path):
     save_slorb({"model.layers.0.mlp.up_proj.S": torch.zeros(128, 5)}, tmp_path)
     with pytest.raises(SemisparseError, match="does not fit"):
         attach_saved_slorb(make_tiny_model("llama"), tmp_path)
+
+
+def test_attach_rejects_a_truncated_file_in_one_line(tmp_path):
+    path = save_slorb({"model.layers.0.mlp.up_proj.S": torch.zeros(128, 4)}, tmp_path)
+    data = path.read_bytes()
+    for cut in (len(data) // 2, 5):
+        path.write_bytes(data[:cut])
+        with pytest.raises(SemisparseError, match=r"slorb.safetensors is damaged") as info:
+            attach_saved_slorb(make_tiny_model("llama"), tmp_path)
+        assert "\n" not in str(info.value)

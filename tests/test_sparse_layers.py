@@ -9,7 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 from semisparse import nm
 from semisparse.errors import SemisparseError
-from semisparse.models import find_targets, weight_matrix
+from semisparse.modules import find_targets, weight_matrix
 from semisparse.nm import NMPattern
 from semisparse.sparse import SparseLinear, densify, sparse_layers, sparsify
 

@@ -10,9 +10,9 @@ from torch import nn
 
 from semisparse import nm
 from semisparse.errors import SemisparseError
-from semisparse.models import find_targets, weight_matrix
+from semisparse.modules import find_targets, weight_matrix
 from semisparse.nm import NMPattern
-from semisparse.pruning import prune
+from semisparse.pruning import SparseGPTConfig, prune
 from semisparse.pruning.magnitude import magnitude_mask
 from semisparse.pruning.sparsegpt import SparseGPTPruner, sparsegpt_prune_weight
 from semisparse.pruning.wanda import wanda_mask
@@ -159,7 +159,7 @@ def test_singular_hessian_without_dampening_is_a_user_error() -> None:
 def test_half_precision_model_is_pruned_in_its_own_dtype() -> None:
     model = make_tiny_model("llama").to(torch.bfloat16)
     ids = torch.randint(0, VOCAB_SIZE, (4, 16), generator=torch.Generator().manual_seed(0))
-    prune(model, method="sparsegpt", pattern=NMPattern(2, 4), calibration_ids=ids, progress=False)
+    prune(model, SparseGPTConfig(pattern="2:4"), calibration_ids=ids, progress=False)
     for name, module in find_targets(model).items():
         weight = weight_matrix(module)
         assert weight.dtype == torch.bfloat16, name

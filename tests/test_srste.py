@@ -1,4 +1,4 @@
-"""SRSTEAdamW against the METHODS.md §2.3 formula written out by hand, and against torch's AdamW."""
+"""SRSTEAdamW against the `../shared/METHODS.md` §2.3 formula written out by hand, and torch's AdamW."""
 
 import copy
 import math

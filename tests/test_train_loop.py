@@ -10,7 +10,7 @@ from train_helpers import isolated_cache, save_tiny_model, tiny_config, write_co
 from transformers import AutoModelForCausalLM
 
 from semisparse.data import file_sha256
-from semisparse.methods.dense import DenseMethod, DenseSettings
+from semisparse.methods.dense import DenseConfig, DenseMethod
 from semisparse.training.config import TrainConfig
 from semisparse.training.loop import TrainingMethod, run
 from semisparse.training.schedule import WarmupCosine
@@ -19,7 +19,7 @@ TRAIN_KEYS = {"kind", "step", "tokens", "loss", "lr", "grad_norm", "skipped_step
 
 
 def train(config):
-    method = DenseMethod.from_pretrained(config.model, DenseSettings(), 0, "cpu")
+    method = DenseMethod.from_pretrained(config.model, DenseConfig(), 0, "cpu")
     assert isinstance(method, TrainingMethod)
     return run(config, method, progress=False)
 
@@ -78,7 +78,7 @@ def test_export_loads_in_plain_transformers_with_provenance(finished, tmp_path):
     assert record["steps"] == 16 and record["tokens_seen"] == 16 * 64
     assert record["corpus"]["sha256"] == file_sha256(config.corpus)
     assert record["final_eval"]["eval_ppl"] > 1
-    assert TrainConfig.from_dict(record["config"]) == config
+    assert TrainConfig.from_mapping(record["config"]) == config
     assert TrainConfig.from_yaml(tmp_path / "run" / "config.yaml") == config
 
 
@@ -95,7 +95,7 @@ def test_accumulation_and_checkpointing_match_a_plain_large_batch(tmp_path):
             model, tmp_path / name, corpus, steps=2, micro_batch=micro, grad_accum=accum, eval_windows=0,
             gradient_checkpointing=recompute,
         )  # fmt: skip
-        method = DenseMethod.from_pretrained(config.model, DenseSettings(), 0, "cpu")
+        method = DenseMethod.from_pretrained(config.model, DenseConfig(), 0, "cpu")
         finals.append(load_file(run(config, method, progress=False) / "model.safetensors"))
         assert method.model.is_activation_checkpointing == recompute
     for other in finals[1:]:

@@ -58,16 +58,24 @@ def test_total_steps_divides_budget_by_global_batch(corpus):
     ("overrides", "message"),
     [
         ({"tokens": 100, "seq_len": 32, "micro_batch": 4}, "smaller than one optimizer step"),
-        ({"lr": 0.0}, "learning rate must be positive"),
-        ({"lr": -1e-4}, "learning rate must be positive"),
-        ({"seq_len": 1}, "at least 2 tokens"),
-        ({"micro_batch": 0}, "micro_batch must be a positive integer"),
-        ({"grad_accum": 1.5}, "grad_accum must be a positive integer"),
+        ({"lr": 0.0}, "`lr`=0.0 must be > 0"),
+        ({"lr": -1e-4}, "`lr`=-0.0001 must be > 0"),
+        ({"lr": float("inf")}, "`lr`=inf must be a finite number"),
+        ({"seq_len": 1}, "`seq_len`=1 must be >= 2"),
+        ({"micro_batch": 0}, "`micro_batch`=0 must be >= 1"),
+        ({"grad_accum": 1.5}, "`grad_accum`=1.5 must be a whole number"),
         ({"min_lr_ratio": 1.5}, "min_lr_ratio"),
         ({"warmup_steps": 10**9}, "warm-up"),
+        ({"warmup_steps": 2.5}, "`warmup_steps`=2.5 must be a whole number or None"),
         ({"betas": (0.9, 1.0)}, "betas"),
+        ({"betas": 5}, "`betas`=5 must be 2 values"),
         ({"grad_clip": -1}, "grad_clip"),
-        ({"autocast": "fp8"}, "unknown autocast"),
+        ({"grad_clip": float("nan")}, "`grad_clip`=nan must be a finite number"),
+        ({"tokens": "1e400"}, "token budget 1e400 is not a finite number"),
+        ({"tokens": 1e400}, "token budget inf is not a finite number"),
+        ({"tokens": 10**400}, "is not a finite number"),
+        ({"device": "tpu"}, "`device`='tpu' must be cpu, cuda or cuda:N"),
+        ({"autocast": "fp8"}, "`autocast`='fp8' must be one of auto, bf16, off"),
         ({"corpus": "nonsense"}, "unknown corpus 'nonsense'"),
         ({"corpus": "./missing.txt"}, "does not exist"),
         ({"eval_windows": 4, "eval_corpus": "missing-eval.txt"}, "eval corpus"),
@@ -97,7 +105,7 @@ def test_budget_rechecked_for_world_size(corpus):
 def test_sequence_length_checked_against_model_context(corpus):
     config = make(corpus, seq_len=512, tokens="1M")
     config.check_model(1024)
-    with pytest.raises(SemisparseError, match="--seq-len 256 or less"):
+    with pytest.raises(SemisparseError, match="`seq_len` to 256 or less"):
         config.check_model(256)
 
 
@@ -120,3 +128,64 @@ def test_fingerprint_ignores_logging_but_not_training_fields(corpus):
     )
     assert make(corpus, tokens="1M", lr=1e-3).fingerprint() != base.fingerprint()
     assert make(corpus, tokens="1M", method={"a": 1}).fingerprint() != base.fingerprint()
+
+
+def test_yaml_style_strings_are_coerced_once(tmp_path, corpus):
+    (tmp_path / "recipe.yaml").write_text(
+        f"model: m\noutput: o\ncorpus: {corpus}\neval_windows: 0\neps: 1e-8\nlr: 3e-4\ntokens: 2M\n"
+        "betas: [0.8, 0.9]\nwarmup_steps: null\n"
+    )
+    config = TrainConfig.from_yaml(tmp_path / "recipe.yaml")
+    assert (config.eps, config.lr, config.tokens, config.betas) == (1e-8, 3e-4, 2_000_000, (0.8, 0.9))
+    assert config.warmup_steps is None
+    (tmp_path / "huge.yaml").write_text(f"model: m\noutput: o\ncorpus: {corpus}\ntokens: 1.0e+400\n")
+    with pytest.raises(SemisparseError, match="not a finite number"):
+        TrainConfig.from_yaml(tmp_path / "huge.yaml")
+
+
+def test_config_without_model_or_output_is_rejected(corpus):
+    with pytest.raises(SemisparseError, match="lacks `output`"):
+        TrainConfig.from_mapping({"model": "m", "corpus": str(corpus)})
+
+
+def test_every_setting_is_described():
+    from semisparse.settings import describe
+
+    rows = {row.name: row for row in describe(TrainConfig)}
+    assert rows["lr"].type == "float" and rows["lr"].default == 2e-4 and rows["lr"].help
+    assert rows["model"].default == "(required)"
+    assert all(row.help for row in rows.values())
+
+
+@pytest.mark.parametrize("name", ["dense", "ast", "maskllm"])
+def test_trainers_are_registered_with_described_configs(name):
+    from semisparse import registry
+    from semisparse.settings import describe
+    from semisparse.training.method import MethodConfig, TrainingMethod
+
+    entry = registry.lookup("trainer", name)
+    assert issubclass(entry.config, MethodConfig) and issubclass(entry.implementation, TrainingMethod)
+    assert entry.implementation.name == name and entry.summary
+    rows = describe(entry.config)
+    assert rows and all(row.help and row.type for row in rows)
+    assert set(entry.config.train_defaults) <= {row.name for row in describe(TrainConfig)}
+
+
+def test_recipe_defaults_recipe_and_explicit_values_merge_in_order(tmp_path, corpus):
+    from semisparse.training.recipe import train_configs
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"corpus: {corpus}\neval_windows: 0\nseq_len: 16\nlr: 1e-3\nmethod:\n  prior: magnitude\n  alpha: 2\n"
+    )
+    config, settings = train_configs(
+        "maskllm", recipe, {"output": "out", "lr": "2e-3"}, {"alpha": "1.5", "hard": "true"}
+    )
+    assert (config.warmup_steps, config.seq_len, config.lr, config.model) == (0, 16, 2e-3, "smollm2-135m")
+    assert (settings.prior, settings.alpha, settings.hard) == ("magnitude", 1.5, True)
+    assert config.method_name == "maskllm" and config.method == settings.to_dict()
+    recipe.write_text(f"method_name: maskllm\ncorpus: {corpus}\n")
+    with pytest.raises(SemisparseError, match="is a maskllm recipe, not a ast one"):
+        train_configs("ast", recipe, {"output": "out"})
+    with pytest.raises(SemisparseError, match="unknown trainer 'owl'"):
+        train_configs("owl")

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from conftest import make_tiny_model, make_tiny_tokenizer
 
-from semisparse.methods.dense import DenseMethod, DenseSettings
+from semisparse.methods.dense import DenseConfig, DenseMethod
 from semisparse.training.config import TrainConfig
 
 WORDS = [
@@ -77,7 +77,7 @@ def tiny_config(
 
 
 def dense_method(config: TrainConfig, initialise: bool = True) -> DenseMethod:
-    return DenseMethod.from_pretrained(config.model, DenseSettings(), 0, "cpu", initialise=initialise)
+    return DenseMethod.from_pretrained(config.model, DenseConfig(), 0, "cpu", initialise=initialise)
 
 
 # Wall-clock columns of metrics.jsonl: they differ between otherwise identical runs.

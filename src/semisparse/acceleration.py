@@ -23,7 +23,7 @@ from torch import nn
 
 from semisparse import nm
 from semisparse.errors import SemisparseError
-from semisparse.models import find_targets
+from semisparse.modules import find_targets, layer_filter
 
 BACKENDS: tuple[str, ...] = ("cusparselt", "cutlass")
 SPARSE_DTYPES = (torch.float16, torch.bfloat16)
@@ -79,9 +79,7 @@ def _sparse_class(backend: str | None) -> type:
     if backend == "cutlass" or (backend is None and not cusparselt):
         return torch.sparse.SparseSemiStructuredTensorCUTLASS
     if not cusparselt:
-        raise SemisparseError(
-            "this PyTorch build has no cuSPARSELt: use backend='cutlass' (--backend cutlass)"
-        )
+        raise SemisparseError("this PyTorch build has no cuSPARSELt: use `backend`=cutlass")
     return torch.sparse.SparseSemiStructuredTensorCUSPARSELT
 
 
@@ -127,7 +125,7 @@ def _skip_reason(module: nn.Module, cls: type) -> str | None:
     weight = module.weight
     if weight.device.type != "cuda":
         return f"weight is on {weight.device}"
-    if weight.shape[1] % 4 or not nm.is_nm(weight, 2, 4):
+    if not nm.is_nm(weight, 2, 4):
         return f"not 2:4 ({nm.sparsity(weight):.0%} zeros)"
     return shape_reason(cls, weight)
 
@@ -166,7 +164,7 @@ def accelerate(
     if dtype is not None:
         model.to(dtype)
     with _backend(cls):
-        for name, module in find_targets(model, include, exclude).items():
+        for name, module in find_targets(model, layer_filter(include, exclude)).items():
             why = _skip_reason(module, cls)
             if why is None:
                 try:

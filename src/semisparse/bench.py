@@ -26,8 +26,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from semisparse import nm
 from semisparse.acceleration import accelerate, gpu_fallback_reason, to_semi_structured
 from semisparse.errors import SemisparseError
-from semisparse.models import find_targets, load_model, weight_matrix
-from semisparse.pruning import prune
+from semisparse.models import load_model
+from semisparse.modules import find_targets, weight_matrix
+from semisparse.pruning import MagnitudeConfig, prune
+from semisparse.runtime import default_device
 
 
 def group_shapes(named: Sequence[tuple[str, tuple[int, int]]]) -> dict[str, tuple[int, int]]:
@@ -247,13 +249,13 @@ def run_bench(
 ) -> dict[str, Any]:
     """The whole benchmark as one JSON-ready record (see `markdown` for the table form)."""
     if model_name is not None and preset is not None:
-        raise SemisparseError("give a MODEL or --shapes, not both")
+        raise SemisparseError("give a model or `preset`, not both")
     if preset is not None and preset not in PRESETS:
-        raise SemisparseError(f"unknown --shapes '{preset}': use one of {', '.join(PRESETS)}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        raise SemisparseError(f"unknown `preset` '{preset}': use one of {', '.join(PRESETS)}")
+    device = device or default_device()
     why_dense = gpu_fallback_reason(torch.device(device))
     if why_dense is not None and not reduced:
-        raise SemisparseError(f"full benchmark needs a GPU ({why_dense}): add --reduced for the CPU check")
+        raise SemisparseError(f"full benchmark needs a GPU ({why_dense}): add `reduced` for the CPU check")
     if reduced:
         tokens = tokens or REDUCED_TOKENS
         warmup, repeats = min(warmup, 2), min(repeats, 5)
@@ -262,7 +264,9 @@ def run_bench(
             dtype = torch.float32
     tokens = tuple(tokens or DEFAULT_TOKENS)
     if any(t < 1 for t in tokens) or prefill < 1 or decode < 1:
-        raise SemisparseError("token counts must be positive integers (e.g. --tokens 1,16,128)")
+        raise SemisparseError(
+            "token counts (`tokens`, `prefill`, `decode`) must be positive integers, e.g. `tokens`=1,16,128"
+        )
     model = None
     if model_name is not None:
         model = load_model(model_name, dtype=dtype, device=device)
@@ -300,7 +304,7 @@ def run_bench(
                 f"{model_name}, its target layers pruned to 2:4 by magnitude if needed"
             )
         if not all(nm.is_nm(weight_matrix(m), 2, 4) for m in find_targets(model).values()):
-            prune(model, "magnitude", "2:4")
+            prune(model, MagnitudeConfig(pattern="2:4"))
         record["end_to_end"] = end_to_end(model, prefill, decode, dtype, backend, warmup, repeats)
     return record
 

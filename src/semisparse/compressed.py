@@ -1,7 +1,8 @@
 """Compressed 2:4 checkpoints: kept values plus a one-bit-per-weight mask, optionally as int8/int4 codes.
 
-`compressed-tensors` (0.20.0) no longer ships its sparse-24-bitmask compressor (only the config name is
-left, and loading such models was dropped after 0.14), so semisparse writes the same idea itself.
+`compressed-tensors` removed its sparse-24-bitmask compressor in 0.15.0 (0.14.0.1 is the last release that
+loads such models), and its layout has no room for int4/int8 codes or Conv1D layers, so semisparse keeps its
+own file with the same encoding; `semisparse.compressed_tensors` writes and reads the library's layout.
 
 A compressed model directory holds `config.json`, the tokenizer files, `semisparse.json` and
 `compressed.safetensors` (deliberately not `model.safetensors`, so plain transformers refuses the directory
@@ -43,7 +44,7 @@ from transformers.pytorch_utils import Conv1D
 
 from semisparse import nm
 from semisparse.errors import SemisparseError
-from semisparse.models import find_targets, weight_matrix
+from semisparse.modules import find_targets, weight_matrix
 from semisparse.quantization.gridfile import recover_codes
 from semisparse.quantization.rtn import SCALE_DTYPE, QuantizedWeight, n_groups
 
@@ -138,7 +139,7 @@ def compressed_state(
         owners[identity] = key
         module = modules.get(key)
         matrix = weight_matrix(module).detach() if module is not None else None
-        if matrix is not None and matrix.shape[1] % 4 == 0 and nm.is_nm(matrix, 2, 4):
+        if matrix is not None and nm.is_nm(matrix, 2, 4):
             layer = key.removesuffix(".weight")
             transposed = isinstance(module, Conv1D)
             tensors, info = compressed_tensors_of(key, matrix, quantized.get(layer), transposed)
@@ -205,7 +206,7 @@ def _decompress_weight(
                 path, f"{name}.bitmask has shape {tuple(bitmask.shape)} for a {rows}x{cols} weight"
             )
         mask = unpack_bitmask(bitmask, (rows, cols))
-        if not bool((mask.reshape(rows, -1, 4).sum(-1) == 2).all()):
+        if not nm.is_nm(mask, 2, 4, exact=True):
             raise _corrupt(path, f"{name}.bitmask does not keep exactly 2 of every 4 weights")
         kept = cols // 2
         if "bits" not in info:

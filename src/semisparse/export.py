@@ -26,15 +26,18 @@ from semisparse.errors import SemisparseError
 METADATA_FILE = "semisparse.json"
 
 
-def ensure_output_available(out: str | Path, overwrite: bool) -> Path:
-    """Fail before any work is done if `out` exists and the user did not ask to overwrite it."""
+def ensure_output_available(out: str | Path, overwrite: bool, name: str = "out") -> Path:
+    """Fail before any work is done if `out` exists and the user did not ask to overwrite it.
+
+    `name` is the caller's parameter that holds `out`, named in the message (the CLI shows its flag).
+    """
     path = Path(out).expanduser()
     if path.exists() and not overwrite:
         raise SemisparseError(
-            f"output directory {path} already exists: choose another -o or pass --overwrite"
+            f"output directory {path} already exists: choose another `{name}` or pass `overwrite`"
         )
     if path.exists() and not path.is_dir():
-        raise SemisparseError(f"output path {path} exists and is not a directory: choose another -o")
+        raise SemisparseError(f"output path {path} exists and is not a directory: choose another `{name}`")
     return path
 
 

@@ -24,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from semisparse import nm
 from semisparse.errors import SemisparseError
-from semisparse.models import find_targets, weight_matrix
+from semisparse.modules import find_targets, layer_filter, weight_matrix
 from semisparse.nm import NMPattern
 
 MASK_SUFFIX = ".mask"
@@ -49,7 +49,7 @@ def target_shapes(
     exclude: Sequence[str] = (),
 ) -> dict[str, tuple[int, ...]]:
     """Weight parameter name -> parameter shape of every target layer: what a mask file must cover."""
-    targets = find_targets(model, include, exclude, m=pattern.m if pattern else None)
+    targets = find_targets(model, layer_filter(include, exclude), m=pattern.m if pattern else None)
     return {f"{name}.weight": tuple(module.weight.shape) for name, module in targets.items()}
 
 
@@ -76,7 +76,7 @@ def _check_names(found: Iterable[str], expected: Iterable[str], source: str) -> 
     if unknown:
         raise SemisparseError(
             f"{source} has a mask for '{unknown[0]}' ({len(unknown)} unknown in all), which is not a target "
-            "layer of this model: use masks made for this architecture (and the same --include/--exclude)"
+            "layer of this model: use masks made for this architecture (and the same `include`/`exclude`)"
         )
     missing = sorted(expected - found)
     if missing:
@@ -145,7 +145,7 @@ def check_masks(
     """Validate names, shapes and the N:M pattern of `masks`; returns the targets by weight param name."""
     targets = {
         f"{name}.weight": module
-        for name, module in find_targets(model, include, exclude, m=pattern.m).items()
+        for name, module in find_targets(model, layer_filter(include, exclude), m=pattern.m).items()
     }
     _check_names(masks, targets, source)
     for name, mask in masks.items():
@@ -155,11 +155,12 @@ def check_masks(
                 f"mask for '{name}' in {source} is {mask.dtype} {tuple(mask.shape)}, but the weight needs "
                 f"bool {tuple(module.weight.shape)}: the masks were made for another model"
             )
-        kept = to_matrix_layout(module, mask).reshape(-1, pattern.m).sum(-1)
-        if bool((kept > pattern.n).any()):
+        matrix_mask = to_matrix_layout(module, mask)
+        if not nm.is_nm(matrix_mask, pattern.n, pattern.m):
+            kept = matrix_mask.reshape(-1, pattern.m).sum(-1)
             raise SemisparseError(
                 f"mask for '{name}' in {source} keeps up to {int(kept.max())} of every {pattern.m} weights, "
-                f"so it is not {pattern}: pass the mask's own --pattern"
+                f"so it is not {pattern}: pass the mask's own `pattern`"
             )
     return targets
 
@@ -188,12 +189,12 @@ def masks_from_model(
 ) -> dict[str, Tensor]:
     """The masks of an already N:M-sparse model, read from its zeros (param layout, keyed by param name)."""
     masks = {}
-    for name, module in find_targets(model, include, exclude, m=pattern.m).items():
+    for name, module in find_targets(model, layer_filter(include, exclude), m=pattern.m).items():
         matrix = weight_matrix(module).detach()
         if not nm.is_nm(matrix, pattern.n, pattern.m):
             raise SemisparseError(
                 f"layer {name} is not {pattern} sparse (some group keeps more than {pattern.n} of "
-                f"{pattern.m} weights): prune the model first, or pass its own --pattern"
+                f"{pattern.m} weights): prune the model first, or pass its own `pattern`"
             )
         masks[f"{name}.weight"] = (module.weight.detach() != 0).cpu()
     return masks

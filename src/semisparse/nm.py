@@ -128,12 +128,17 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     )
 
 
-def is_nm(weight: torch.Tensor, n: int, m: int) -> bool:
-    """Whether every group of m along the last dim has at most n non-zeros (False if width % m != 0)."""
+def is_nm(weight: torch.Tensor, n: int, m: int, *, exact: bool = False) -> bool:
+    """Whether every group of m along the last dim has at most n non-zeros (False if width % m != 0).
+
+    The one N:M rule for weights and masks alike (a bool mask's non-zeros are its kept entries). With
+    `exact`, every group must have exactly n: what a keep-mask of the pattern holds, where a weight may
+    have fewer non-zeros than it keeps.
+    """
     if weight.dim() == 0 or weight.shape[-1] % m != 0:
         return False
     nonzeros = (weight != 0).reshape(*weight.shape[:-1], -1, m).sum(-1)
-    return bool((nonzeros <= n).all())
+    return bool((nonzeros == n).all() if exact else (nonzeros <= n).all())
 
 
 def sparsity(weight: torch.Tensor) -> float:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from semisparse import nm
-from semisparse.models import find_targets, weight_matrix
+from semisparse.modules import find_targets, layer_filter, weight_matrix
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,10 @@ def sparsity_report(
 ) -> SparsityReport:
     """Measure every target layer; with a pattern, verify each one against it."""
     layers = []
-    for name, module in find_targets(model, include, exclude).items():
+    for name, module in find_targets(model, layer_filter(include, exclude)).items():
         weight = weight_matrix(module)
         follows = None
         if pattern is not None:
-            follows = weight.shape[1] % pattern.m == 0 and nm.is_nm(weight, pattern.n, pattern.m)
+            follows = nm.is_nm(weight, pattern.n, pattern.m)
         layers.append(LayerSparsity(name, tuple(weight.shape), nm.sparsity(weight), follows))
     return SparsityReport(str(pattern) if pattern else None, layers)

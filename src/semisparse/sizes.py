@@ -24,7 +24,8 @@ from torch import nn
 
 from semisparse import nm
 from semisparse.compressed import is_compressed_dir, load_compressed_with_codes
-from semisparse.models import find_targets, load_model, weight_matrix
+from semisparse.models import load_model
+from semisparse.modules import find_targets, weight_matrix
 from semisparse.quantization.gridfile import load_quantized
 from semisparse.quantization.rtn import QuantizedWeight, n_groups
 
@@ -124,7 +125,7 @@ def size_report(
     for name, module in targets.items():
         w = weight_matrix(module)
         rows, cols = w.shape
-        is_24 = cols % 4 == 0 and nm.is_nm(w, 2, 4)
+        is_24 = nm.is_nm(w, 2, 4)
         kept = rows * cols // 2 if is_24 else rows * cols
         q = quantized.get(name)
         if q is None:

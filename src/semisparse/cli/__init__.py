@@ -10,6 +10,8 @@ from semisparse.cli.evaluate import eval_command
 from semisparse.cli.masks import apply_mask_command, export_mask_command
 from semisparse.cli.prune import info_command, prune_command
 from semisparse.cli.quantize import compress_command, decompress_command, quantize_command
+from semisparse.cli.run import run_command
+from semisparse.cli.settings import settings_command
 from semisparse.cli.train import train
 
 
@@ -30,3 +32,5 @@ main.add_command(apply_mask_command)
 main.add_command(export_mask_command)
 main.add_command(train)
 main.add_command(bench_command)
+main.add_command(settings_command)
+main.add_command(run_command)

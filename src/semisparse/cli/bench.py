@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from semisparse import bench, workflows
+from semisparse import bench, runtime
 from semisparse.acceleration import BACKENDS
 from semisparse.cli.common import device_option, user_errors
 from semisparse.errors import SemisparseError
@@ -59,7 +59,7 @@ def bench_command(
         record = bench.run_bench(
             model,
             tokens=_token_list(tokens),
-            dtype=workflows.parse_dtype(_DTYPES[dtype]),
+            dtype=runtime.parse_dtype(_DTYPES[dtype]),
             end_to_end_too=not no_e2e,
             **kw,
         )

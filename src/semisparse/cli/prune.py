@@ -8,38 +8,71 @@ from typing import Any
 
 import click
 
-from semisparse import workflows
-from semisparse.cli.common import device_option, dtype_option, quiet_option, user_errors
+from semisparse import registry, workflows
+from semisparse.cli.common import SETTINGS_KEY, device_option, dtype_option, quiet_option, user_errors
+from semisparse.jobs.base import run_stage
 from semisparse.models import DEFAULT_MODEL
-from semisparse.pruning import PRUNING_METHODS
+from semisparse.settings import describe, parse_assignments
 
 
 @click.command("prune")
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("-o", "--output", "out", required=True, help="Output directory (must not exist).")
-@click.option("--method", type=click.Choice(PRUNING_METHODS), default="sparsegpt", show_default=True)
+@click.option(
+    "--method",
+    default="sparsegpt",
+    show_default=True,
+    help="A registered pruner: magnitude, wanda, sparsegpt (`semisparse settings pruner` lists them).",
+)
 @click.option("--pattern", default=None, help="N:M pattern, e.g. 2:4 (the default unless --sparsity).")
 @click.option("--sparsity", type=float, default=None, help="Unstructured sparsity ratio instead of N:M.")
-@click.option("--calibration", default="c4", show_default=True, help="c4, wikipedia or a local text file.")
+@click.option(
+    "--calibration", "source", default="c4", show_default=True, help="c4, wikipedia or a local text file."
+)
 @click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows.")
 @click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per calibration window.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--include", multiple=True, help="Only prune layers matching this glob (repeatable).")
 @click.option("--exclude", multiple=True, help="Never prune layers matching this glob (repeatable).")
-@click.option("--blocksize", type=int, default=128, show_default=True, help="SparseGPT column block.")
-@click.option("--percdamp", type=float, default=0.01, show_default=True, help="SparseGPT dampening.")
+@click.option("--blocksize", type=int, default=None, help="SparseGPT column block (default 128).")
+@click.option("--percdamp", type=float, default=None, help="SparseGPT dampening (default 0.01).")
+@click.option(
+    "--set", "assignments", multiple=True, metavar="KEY=VALUE", help="One pruner setting (repeatable)."
+)
 @device_option
 @dtype_option
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @quiet_option
 @user_errors
 def prune_command(
-    model: str, out: str, pattern: str | None, sparsity: float | None, quiet: bool, **kw: Any
+    model: str,
+    out: str,
+    method: str,
+    pattern: str | None,
+    sparsity: float | None,
+    source: str,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    blocksize: int | None,
+    percdamp: float | None,
+    assignments: tuple[str, ...],
+    quiet: bool,
+    **kw: Any,
 ) -> None:
     """Prune MODEL (hub id, local dir, .gguf, or smollm2-135m) one-shot and save it to -o."""
-    if pattern is None and sparsity is None:
-        pattern = "2:4"
-    meta = workflows.prune_to_dir(model, out, pattern=pattern, sparsity=sparsity, progress=not quiet, **kw)
+    entry = registry.lookup("pruner", method)
+    click.get_current_context().meta[SETTINGS_KEY] = [row.name for row in describe(entry.config)]
+    given = {"pattern": pattern, "sparsity": sparsity, "blocksize": blocksize, "percdamp": percdamp}
+    values = {key: value for key, value in given.items() if value is not None}
+    settings = {**values, **parse_assignments(assignments)}
+    entry.config.from_mapping(settings)  # a mistake in --set lists the pruner's own settings
+    overwrite = kw.pop("overwrite")
+    calibration = {"source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    layers = {"include": list(kw.pop("include")), "exclude": list(kw.pop("exclude"))}
+    stage = registry.lookup("stage", "prune")  # the same stage a recipe runs, with -o as its directory
+    config = stage.config.from_mapping({"method": method, **settings, **calibration, **layers, **kw})
+    meta = run_stage("prune", config, model, out, overwrite=overwrite, progress=not quiet)
     click.echo(
         f"saved {out}: {meta['method']} {meta['pattern'] or meta['sparsity']}, "
         f"{len(meta['targets'])} layers, {meta['overall_sparsity']:.2%} zeros, {meta['prune_seconds']:.1f} s"

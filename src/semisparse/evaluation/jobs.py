@@ -11,13 +11,14 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from semisparse.data import WIKITEXT2, data_dir, file_sha256, mirror_file
+from semisparse.data import WIKITEXT2, data_dir, evaluation_text, file_sha256, mirror_file
 from semisparse.errors import SemisparseError
 from semisparse.evaluation.comparison import build_report, training_curve, write_report
 from semisparse.evaluation.zeroshot import DEFAULT_SEED, evaluate_zeroshot, load_tasks, parse_tasks
 from semisparse.export import ensure_output_available, read_metadata
 from semisparse.models import load_model, load_tokenizer
-from semisparse.workflows import default_device, evaluation_text, measured, parse_dtype, perplexity_row
+from semisparse.runtime import default_device, measured, parse_dtype
+from semisparse.workflows import perplexity_row
 
 
 def _perplexity_text(dataset: str) -> tuple[str, dict[str, Any]]:
@@ -56,9 +57,9 @@ def evaluate_models(
     ppl = None if ppl in (None, "none") else ppl
     task_names = parse_tasks(tasks)
     if ppl is None and not task_names:
-        raise SemisparseError("nothing to evaluate: give --ppl wikitext2 (or a file) and/or --tasks")
+        raise SemisparseError("nothing to evaluate: give `ppl`=wikitext2 (or a text file) and/or `tasks`")
     if report_dir is not None:
-        ensure_output_available(report_dir, overwrite)
+        ensure_output_available(report_dir, overwrite, name="report_dir")
     device = device or default_device()
     text, source = _perplexity_text(ppl) if ppl is not None else (None, None)
     harness_tasks = load_tasks(task_names) if task_names else None

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from semisparse.errors import SemisparseError
-from semisparse.models import context_length
+from semisparse.modules import context_length
 
 DEFAULT_MAX_SEQLEN = 2048
 
@@ -57,24 +57,24 @@ def perplexity(
         seqlen = min(DEFAULT_MAX_SEQLEN, context)
     if seqlen > context:
         raise SemisparseError(
-            f"seqlen {seqlen} is longer than the model's context length {context}; pass --seqlen {context} "
+            f"`seqlen`={seqlen} is longer than the model's context length {context}: pass `seqlen`={context} "
             "or less"
         )
     if seqlen < 2:
         raise SemisparseError(
-            f"seqlen {seqlen} is too short: a window needs at least 2 tokens; use --seqlen 2+"
+            f"`seqlen`={seqlen} is too short: a window needs at least 2 tokens; use `seqlen`=2 or more"
         )
     if batch_size < 1:
-        raise SemisparseError(f"batch size {batch_size} is invalid: use --batch-size 1 or more")
+        raise SemisparseError(f"`batch_size`={batch_size} is invalid: use 1 or more")
     if max_windows is not None and max_windows < 1:
         raise SemisparseError(
-            f"max windows {max_windows} is invalid: use 1 or more (or leave it unset for all)"
+            f"`max_windows`={max_windows} is invalid: use 1 or more (or leave it unset for all)"
         )
     total_windows = stream.numel() // seqlen
     if total_windows == 0:
         raise SemisparseError(
             f"the token stream has {stream.numel()} tokens, fewer than one window of {seqlen}; "
-            "use a longer text or a smaller --seqlen"
+            "use a longer text or a smaller `seqlen`"
         )
     n_windows = total_windows if max_windows is None else min(max_windows, total_windows)
     windows = stream[: n_windows * seqlen].view(n_windows, seqlen)

@@ -226,9 +226,9 @@ def evaluate_zeroshot(
     from lm_eval import evaluator
 
     if limit is not None and limit < 1:
-        raise SemisparseError(f"--limit {limit} is invalid: use 1 or more (or leave it unset for all)")
+        raise SemisparseError(f"`limit`={limit} is invalid: use 1 or more (or leave it unset for all)")
     if batch_size < 1:
-        raise SemisparseError(f"batch size {batch_size} is invalid: use --batch-size 1 or more")
+        raise SemisparseError(f"`batch_size`={batch_size} is invalid: use 1 or more")
     built = tasks if isinstance(tasks, ZeroShotTasks) else load_tasks(tasks)
     for task in built.tasks.values():
         task.set_config(key="num_fewshot", value=0)

@@ -7,7 +7,7 @@ mask-file commands. The trainer itself is `semisparse.methods.maskllm.MaskLLMMet
 
 from semisparse.maskllm.candidates import candidate_count, candidate_masks
 from semisparse.maskllm.layer import LearnableMaskLinear
-from semisparse.maskllm.prior import PRIOR_METHODS, one_shot_masks, prior_logits
+from semisparse.maskllm.prior import one_shot_masks, prior_logits
 from semisparse.maskllm.swap import (
     attach_learnable_masks,
     detach_learnable_masks,
@@ -21,7 +21,6 @@ from semisparse.maskllm.swap import (
 )
 
 __all__ = [
-    "PRIOR_METHODS",
     "LearnableMaskLinear",
     "attach_learnable_masks",
     "candidate_count",

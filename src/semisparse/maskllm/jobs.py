@@ -26,7 +26,7 @@ from semisparse.maskfiles import (
 )
 from semisparse.models import load_model, load_tokenizer
 from semisparse.report import sparsity_report
-from semisparse.workflows import parse_dtype
+from semisparse.runtime import parse_dtype
 
 
 def apply_mask_to_dir(
@@ -89,9 +89,9 @@ def export_mask_file(
     """
     path = Path(out).expanduser()
     if path.is_dir():
-        raise SemisparseError(f"{path} is a directory: pass a file name such as masks.npz to -o")
+        raise SemisparseError(f"{path} is a directory: pass a file name such as masks.npz as `out`")
     if path.exists() and not overwrite:
-        raise SemisparseError(f"{path} already exists: choose another -o or pass --overwrite")
+        raise SemisparseError(f"{path} already exists: choose another `out` or pass `overwrite`")
     meta = (read_metadata(model_name) if Path(model_name).expanduser().is_dir() else None) or {}
     parsed = nm.parse_pattern(pattern or meta.get("pattern") or "2:4")
     include = list(meta.get("include", ()) if include is None else include)

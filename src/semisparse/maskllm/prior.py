@@ -7,20 +7,18 @@ random logits and learns a much worse mask in the same budget.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from semisparse import nm
+from semisparse.calibration import Calibration
 from semisparse.errors import SemisparseError
 from semisparse.maskfiles import to_parameter_layout
 from semisparse.maskllm.candidates import overlaps
-from semisparse.models import find_targets, set_weight_matrix, weight_matrix
-from semisparse.nm import NMPattern
-from semisparse.pruning import PRUNING_METHODS, prune
-
-PRIOR_METHODS: tuple[str, ...] = (*PRUNING_METHODS, "none")
+from semisparse.modules import FilterFn, find_targets, set_weight_matrix, weight_matrix
+from semisparse.pruning import PrunerConfig, calibrate_and_prune
 
 
 def prior_logits(logits: Tensor, mask: Tensor, candidates: Tensor, n: int, alpha: float) -> Tensor:
@@ -36,33 +34,27 @@ def prior_logits(logits: Tensor, mask: Tensor, candidates: Tensor, n: int, alpha
 
 def one_shot_masks(
     model: nn.Module,
-    method: str,
-    pattern: NMPattern,
-    calibration_ids: Tensor | None = None,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
+    tokenizer: Any,
+    config: PrunerConfig,
+    calibration: Calibration | None = None,
+    filter_fn: FilterFn | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
-) -> dict[str, Tensor]:
-    """The N:M masks a one-shot pruner picks, keyed by weight parameter name, in the parameter's layout.
+) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """The N:M masks a one-shot pruner picks, keyed by weight parameter name, in the parameter's layout,
+    and the calibration provenance.
 
-    MaskLLM keeps the dense weights, but SparseGPT also updates the weights it keeps, so the targets are
-    backed up (on the CPU), pruned in place, read and restored bit for bit.
+    MaskLLM keeps the dense weights, but a pruner may also update the weights it keeps (SparseGPT), so
+    the targets are backed up (on the CPU), pruned in place, read and restored bit for bit.
     """
-    if method not in PRUNING_METHODS:
-        raise SemisparseError(f"unknown prior '{method}': use one of {', '.join(PRIOR_METHODS)}")
-    targets = find_targets(model, include, exclude, m=pattern.m)
+    pattern = config.nm_pattern
+    if pattern is None:
+        raise SemisparseError("a MaskLLM prior needs an N:M `pattern`, not an unstructured `sparsity`")
+    targets = find_targets(model, filter_fn, m=pattern.m)
     backup = {name: weight_matrix(module).detach().to("cpu", copy=True) for name, module in targets.items()}
     try:
-        prune(
-            model,
-            method=method,
-            pattern=pattern,
-            calibration_ids=calibration_ids,
-            include=include,
-            exclude=exclude,
-            device=device,
-            progress=progress,
+        _, calibration_info = calibrate_and_prune(
+            model, tokenizer, config, calibration, filter_fn, device, progress
         )
         masks = {}
         for name, module in targets.items():
@@ -73,4 +65,4 @@ def one_shot_masks(
     finally:
         for name, module in targets.items():
             set_weight_matrix(module, backup[name].to(weight_matrix(module).device))
-    return masks
+    return masks, calibration_info

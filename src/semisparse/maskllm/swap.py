@@ -16,7 +16,7 @@ from semisparse.maskfiles import check_masks, to_matrix_layout
 from semisparse.maskllm.candidates import matching_candidate
 from semisparse.maskllm.layer import LearnableMaskLinear
 from semisparse.maskllm.prior import prior_logits
-from semisparse.models import find_targets
+from semisparse.modules import find_targets, layer_filter, set_submodule
 from semisparse.nm import NMPattern
 
 # AdamW keeps two moments per trainable value; with the gradient that is three extra copies.
@@ -26,11 +26,6 @@ _ADAM_STATES = 2
 def learnable_layers(model: nn.Module) -> dict[str, LearnableMaskLinear]:
     """The model's learnable-mask layers by module name, in module order."""
     return {name: module for name, module in model.named_modules() if isinstance(module, LearnableMaskLinear)}
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def attach_learnable_masks(
@@ -52,7 +47,7 @@ def attach_learnable_masks(
         check_masks(model, prior, pattern, include, exclude, source="the prior masks")
     generators: dict[torch.device, torch.Generator] = {}
     layers = {}
-    for name, module in find_targets(model, include, exclude, m=pattern.m).items():
+    for name, module in find_targets(model, layer_filter(include, exclude), m=pattern.m).items():
         device = module.weight.device
         if device not in generators:
             generators[device] = torch.Generator(device=device).manual_seed(seed)
@@ -61,7 +56,7 @@ def attach_learnable_masks(
             mask = to_matrix_layout(module, prior[f"{name}.weight"]).to(layer.logits.device)
             with torch.no_grad():
                 layer.logits.copy_(prior_logits(layer.logits, mask, layer.candidates, pattern.n, alpha))
-        _replace(model, name, layer)
+        set_submodule(model, name, layer)
         layers[name] = layer
     return layers
 
@@ -112,14 +107,14 @@ def detach_learnable_masks(model: nn.Module) -> dict[str, LearnableMaskLinear]:
     """Swap every learnable layer back to a plain module with W ⊙ mask; returns the removed layers."""
     layers = learnable_layers(model)
     for name, layer in layers.items():
-        _replace(model, name, _plain_module(layer))
+        set_submodule(model, name, _plain_module(layer))
     return layers
 
 
 def reattach(model: nn.Module, layers: dict[str, LearnableMaskLinear]) -> None:
     """Put layers removed by `detach_learnable_masks` back (used to export mid-run and keep training)."""
     for name, layer in layers.items():
-        _replace(model, name, layer)
+        set_submodule(model, name, layer)
 
 
 def candidate_indices(model: nn.Module) -> dict[str, Tensor]:

@@ -1,6 +1,6 @@
-"""AST, the Adaptive Sparse Trainer (METHODS.md §2), as a method of the shared training loop.
+"""AST, the Adaptive Sparse Trainer (`../shared/METHODS.md` §2), as a method of the shared training loop.
 
-The student starts from the dense model with an initial N:M mask (magnitude, Wanda, SparseGPT or a pruned
+The student starts from the dense model with an initial N:M mask (any registered pruner, or a pruned
 checkpoint), computes with the masked weights and trains all of them (straight-through), is pulled
 towards its dense teacher by distillation, has its pruned weights decayed by annealed SR-STE, and
 recomputes its mask every Δt steps. SLoRB optionally adds a small dense branch per layer.
@@ -8,134 +8,121 @@ recomputes its mask every Δt steps. SLoRB optionally adds a small dense branch 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from semisparse import nm
-from semisparse.data import calibration_ids
+from semisparse import nm, registry
+from semisparse.calibration import load_calibration
 from semisparse.errors import SemisparseError
 from semisparse.maskfiles import MASKS_FILE, save_masks, to_parameter_layout
-from semisparse.models import context_length, find_targets, load_model, load_tokenizer, resolve_model_path
-from semisparse.models import weight_matrix as module_weight
+from semisparse.methods.common import calibration_of, calibration_settings
+from semisparse.models import load_model, load_tokenizer
+from semisparse.modules import GlobFilter, find_targets, layer_filter, set_weight_matrix, weight_matrix
 from semisparse.nm import NMPattern
-from semisparse.pruning import prune
+from semisparse.pruning import calibrate_and_prune, pruner_config
 from semisparse.pruning.magnitude import magnitude_mask
+from semisparse.registry import Technique, register
+from semisparse.settings import setting
 from semisparse.sparse import SLoRBConfig, densify, save_slorb, slorb_overhead, sparsify
-from semisparse.sparse.slorb import SLORB_INITS
-from semisparse.training.adaptive_mask import MASK_SCORES, MaskUpdater, collect_input_norms
-from semisparse.training.distill import distillation_loss, layerwise_loss
+from semisparse.training.adaptive_mask import MaskUpdater, collect_input_norms
+from semisparse.training.distill import Distiller, Teacher
+from semisparse.training.method import MethodConfig, TrainingMethod
 from semisparse.training.srste import SRSTEAdamW, annealed_decay
 
-INIT_PRUNERS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
 # The paper's GPT-2 schedule ramps the decay over the first quarter of training (T0 = 10k of 40k steps).
 _DEFAULT_DECAY_WARMUP_FRACTION = 0.25
 
 
-def _fail(message: str) -> NoReturn:
-    raise SemisparseError(message)
-
-
 @dataclass
-class ASTSettings:
-    """AST's own settings (the `method:` section of a training config); checked on creation.
+class ASTConfig(MethodConfig):
+    """AST's own settings (the `method:` section of a training recipe); checked on creation.
 
-    `init`: the initial mask, from a pruner (magnitude needs no data; wanda/sparsegpt use `calibration`,
-    `calibration_nsamples` x `calibration_seqlen` tokens) or the path of a model pruned to `pattern`.
-    `mask_update_every` (Δt, 0 = fixed mask) and `mask_score` drive the adaptive mask. `decay_lambda` is
-    SR-STE's λ, reached linearly after `decay_warmup_steps` (T0; default a quarter of the steps).
-    The loss is `alpha_task` · CE + `alpha_kl` · T² · KL at `temperature` T, plus `layerwise` times the
-    block-output term; the frozen `teacher` defaults to the model itself and is not loaded when both
-    `alpha_kl` and `layerwise` are 0. `slorb*` add the SLoRB branch; `slorb_init="auto"` becomes the paper's
-    "mean" when the kept weights are the dense ones (magnitude, Wanda) and "zeros" when SparseGPT already
-    compensated them (sparsegpt or a pruned directory), where "mean" measured worse (196.6 vs 122.5
-    perplexity on SmolLM2 before training). `keep_slorb` exports SLoRB beside the model instead of
-    dropping it. `include` / `exclude` select the layers as in `semisparse prune`.
+    `init`: the initial mask, from a registered pruner (magnitude needs no data; wanda/sparsegpt read
+    `calibration`, `calibration_nsamples` x `calibration_seqlen` tokens) or the path of a model pruned to
+    `pattern`. `mask_update_every` (Δt, 0 = fixed mask) and `mask_score` drive the adaptive mask.
+    `decay_lambda` is SR-STE's λ, reached linearly after `decay_warmup_steps` (T0; default a quarter of
+    the steps). The loss is `alpha_task` · CE + `alpha_kl` · T² · KL at `temperature` T, plus `layerwise`
+    times the block-output term; the frozen `teacher` defaults to the model itself and is not loaded when
+    both `alpha_kl` and `layerwise` are 0. `slorb*` add the SLoRB branch; `slorb_init="auto"` becomes the
+    paper's "mean" when the kept weights are the dense ones (a pruner that does not update the weights it
+    keeps, e.g. magnitude or Wanda) and "zeros" when they were already compensated (SparseGPT, or a pruned
+    directory), where "mean" measured worse (`benchmarks/results/slorb_init_smollm2_cpu.md`).
+    `keep_slorb` exports SLoRB beside the model instead of dropping it. `include` / `exclude` select the
+    layers as in `semisparse prune`.
     """
 
-    pattern: str = "2:4"
-    init: str = "magnitude"
-    mask_update_every: int = 10
-    mask_score: str = "magnitude"
-    decay_lambda: float = 1e-4
-    decay_warmup_steps: int | None = None
-    alpha_task: float = 0.33
-    alpha_kl: float = 0.67
-    temperature: float = 2.0
-    layerwise: float = 0.0
-    slorb: bool = False
-    slorb_k: int = 16
-    slorb_init: str = "auto"
-    slorb_train_projection: bool = True
-    keep_slorb: bool = False
-    teacher: str | None = None
-    calibration: str = "c4"
-    calibration_nsamples: int = 128
-    calibration_seqlen: int = 2048
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
+    owner: ClassVar[str] = "ast"
 
-    def __post_init__(self) -> None:
+    pattern: str = setting("2:4", "N:M sparsity pattern of the trained model")
+    init: str = setting(
+        "magnitude", "initial mask: a registered pruner (e.g. magnitude, wanda) or a pruned model's directory"
+    )
+    mask_update_every: int = setting(
+        10, "Δt: recompute the masks every Δt optimizer steps, 0 = fixed", minimum=0
+    )
+    mask_score: Literal["magnitude", "wanda"] = setting(
+        "magnitude", "score of the mask updates; wanda weighs |W| by calibration input norms"
+    )
+    decay_lambda: float = setting(1e-4, "SR-STE's λ: decay of the pruned weights after the ramp", minimum=0)
+    decay_warmup_steps: int | None = setting(
+        None, "T0: steps of the linear λ ramp (none: a quarter of the run)", minimum=0
+    )
+    alpha_task: float = setting(0.33, "weight of the cross-entropy term", minimum=0)
+    alpha_kl: float = setting(0.67, "weight of the distillation term T²·KL(teacher ‖ student)", minimum=0)
+    temperature: float = setting(2.0, "distillation temperature T", above=0)
+    layerwise: float = setting(0.0, "weight of the block-output distillation term", minimum=0)
+    slorb: bool = setting(False, "add a SLoRB branch (dense, low-rank) to every sparse layer")
+    slorb_k: int = setting(16, "SLoRB group size k: inputs per shared scale", minimum=1)
+    slorb_init: Literal["auto", "mean", "sum", "zeros"] = setting(
+        "auto", "how SLoRB's scales start; auto: mean for dense kept weights, zeros after compensation"
+    )
+    slorb_train_projection: bool = setting(True, "also train SLoRB's 0/1 projection")
+    keep_slorb: bool = setting(False, "export the SLoRB branch beside the model instead of dropping it")
+    teacher: str | None = setting(None, "dense teacher model (none: the model being trained)")
+    calibration: str = setting(
+        "c4", "calibration data of the init pruner and the wanda score: c4, wikipedia or a text file"
+    )
+    calibration_nsamples: int = setting(128, "calibration windows", minimum=1)
+    calibration_seqlen: int = setting(2048, "tokens per calibration window", minimum=1)
+    include: list[str] = setting([], "only train these layers sparse (fnmatch globs on module names)")
+    exclude: list[str] = setting([], "keep these layers dense (fnmatch globs on module names)")
+
+    def check(self) -> None:
         nm.parse_pattern(self.pattern)
-        for name in ("decay_lambda", "alpha_task", "alpha_kl", "temperature", "layerwise"):
-            setattr(self, name, self._number(name))
-        for name in ("mask_update_every", "slorb_k", "calibration_nsamples", "calibration_seqlen"):
-            self._integer(name, minimum=0 if name == "mask_update_every" else 1)
-        if self.decay_warmup_steps is not None:
-            self._integer("decay_warmup_steps", minimum=0)
-        if self.init not in INIT_PRUNERS and not Path(self.init).expanduser().is_dir():
-            _fail(
-                f"AST init '{self.init}' is neither {', '.join(INIT_PRUNERS)} nor an existing directory: "
-                "pick a pruner or pass the path of a model saved by `semisparse prune`"
+        pruners = registry.names("pruner")
+        if self.init not in pruners and not Path(self.init).expanduser().is_dir():
+            raise SemisparseError(
+                f"AST `init` '{self.init}' is neither {', '.join(pruners)} nor an existing directory: "
+                "pick a pruner or pass the path of a model saved by the prune command"
             )
-        if self.mask_score not in MASK_SCORES:
-            _fail(f"unknown AST mask_score '{self.mask_score}': use one of {', '.join(MASK_SCORES)}")
-        for name in ("decay_lambda", "alpha_task", "alpha_kl", "layerwise"):
-            if getattr(self, name) < 0:
-                _fail(f"AST {name}={getattr(self, name)} is negative: use a value >= 0")
-        if self.temperature <= 0:
-            _fail(f"AST temperature={self.temperature} must be positive: use e.g. 2.0")
         if self.alpha_task == 0 and self.alpha_kl == 0:
-            _fail("AST alpha_task and alpha_kl are both 0, so nothing is trained: set at least one above 0")
+            raise SemisparseError(
+                "AST `alpha_task` and `alpha_kl` are both 0, so nothing is trained: set at least one above 0"
+            )
         if self.slorb_init == "auto":
-            self.slorb_init = "mean" if self.init in ("magnitude", "wanda") else "zeros"
-        if self.slorb_init not in SLORB_INITS:
-            choices = ", ".join(("auto", *SLORB_INITS))
-            _fail(f"unknown AST slorb_init '{self.slorb_init}': use one of {choices}")
+            pruner = self.init_pruner
+            self.slorb_init = "mean" if pruner is not None and not pruner.updates_kept_weights else "zeros"
         if self.keep_slorb and not self.slorb:
-            _fail("AST keep_slorb needs slorb: enable slorb or drop keep_slorb")
-        for name in ("include", "exclude"):
-            value = getattr(self, name)
-            if isinstance(value, str) or not all(isinstance(item, str) for item in value):
-                _fail(f"AST {name} must be a list of layer-name patterns, got {value!r}")
-            setattr(self, name, list(value))
-
-    def _number(self, name: str) -> float:
-        """A float setting; also accepts strings such as YAML's "1e-4", which YAML 1.1 leaves as text."""
-        value = getattr(self, name)
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value)
-        except (TypeError, ValueError):
-            _fail(f"AST {name}={value!r} is not a number: write e.g. {name}: 0.5")
-        if not math.isfinite(number):
-            _fail(f"AST {name}={value!r} is not finite: use a finite number")
-        return number
-
-    def _integer(self, name: str, minimum: int) -> None:
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            _fail(f"AST {name}={value!r} must be a whole number >= {minimum}")
+            raise SemisparseError("AST `keep_slorb` needs `slorb`: enable slorb or drop keep_slorb")
 
     @property
     def nm_pattern(self) -> NMPattern:
         return nm.parse_pattern(self.pattern)
+
+    @property
+    def init_pruner(self) -> Technique | None:
+        """The registry entry of the initial pruner; None when `init` is a pruned model's directory."""
+        return registry.lookup("pruner", self.init) if self.init in registry.names("pruner") else None
+
+    @property
+    def filter_fn(self) -> GlobFilter:
+        """The layers AST trains sparse, from `include` / `exclude`."""
+        return layer_filter(self.include, self.exclude)
 
     def slorb_config(self, init: str | None = None) -> SLoRBConfig | None:
         if not self.slorb:
@@ -147,57 +134,47 @@ class ASTSettings:
         return self.alpha_kl > 0 or self.layerwise > 0
 
 
-def _calibration(tokenizer: Any, model: nn.Module, settings: ASTSettings, seed: int) -> tuple[Tensor, dict]:
-    context = context_length(model)
-    if settings.calibration_seqlen > context:
-        _fail(
-            f"AST calibration_seqlen {settings.calibration_seqlen} exceeds the model's context of {context}: "
-            "use a smaller calibration_seqlen"
-        )
-    return calibration_ids(
-        tokenizer, settings.calibration, settings.calibration_nsamples, settings.calibration_seqlen, seed
-    )
-
-
-def _masks_from_zeros(model: nn.Module, settings: ASTSettings, source: str) -> dict[str, Tensor]:
+def _masks_from_zeros(model: nn.Module, settings: ASTConfig, source: str) -> dict[str, Tensor]:
     """Keep-masks of an already pruned model: its nonzeros (exactly N per group, ties to lower index)."""
     pattern = settings.nm_pattern
     masks = {}
-    for name, module in find_targets(model, settings.include, settings.exclude, m=pattern.m).items():
-        weight = module_weight(module)
+    for name, module in find_targets(model, settings.filter_fn, m=pattern.m).items():
+        weight = weight_matrix(module)
         if not nm.is_nm(weight, pattern.n, pattern.m):
-            _fail(
-                f"layer {name} of {source} is not {pattern} sparse: prune it with `semisparse prune "
-                f"--pattern {pattern}` first, or use init magnitude/wanda/sparsegpt"
+            raise SemisparseError(
+                f"layer {name} of {source} is not {pattern} sparse: prune it to {pattern} first, "
+                f"or set `init` to a pruner ({', '.join(registry.names('pruner'))})"
             )
         masks[name] = magnitude_mask(weight, pattern, None)
     return masks
 
 
-def _dense_target_weights(model: nn.Module, settings: ASTSettings) -> dict[str, Tensor]:
+def _dense_target_weights(model: nn.Module, settings: ASTConfig) -> dict[str, Tensor]:
     """CPU copies of the targets' [out, in] weights, taken before pruning overwrites them."""
-    targets = find_targets(model, settings.include, settings.exclude, m=settings.nm_pattern.m)
-    return {name: module_weight(module).detach().to("cpu", copy=True) for name, module in targets.items()}
+    targets = find_targets(model, settings.filter_fn, m=settings.nm_pattern.m)
+    return {name: weight_matrix(module).detach().to("cpu", copy=True) for name, module in targets.items()}
 
 
 def _initial_student(
-    model_name: str, settings: ASTSettings, tokenizer: Any, device: str, seed: int, progress: bool
+    model_name: str, settings: ASTConfig, tokenizer: Any, device: str, seed: int, progress: bool
 ) -> tuple[nn.Module, dict[str, Tensor], dict[str, Tensor] | None, dict[str, Any]]:
     """The student before the swap, its initial masks, the dense weights for SLoRB's init, and provenance.
 
-    Magnitude and Wanda leave kept weights untouched, so the student keeps all its dense weights (pruned
-    ones can come back, as in the paper). SparseGPT updates the kept weights assuming the pruned ones are
-    zero, so the student starts from its output, pruned entries zero.
+    A pruner that leaves the kept weights untouched (magnitude, Wanda) only chooses the mask, so the
+    student keeps all its dense weights (pruned ones can come back, as in the paper). A pruner that
+    updates the kept weights assuming the pruned ones are zero (SparseGPT) is trusted: the student starts
+    from its output, pruned entries zero.
     """
     want_dense = settings.slorb and settings.slorb_init != "zeros"
-    if settings.init not in INIT_PRUNERS:
+    pruner = settings.init_pruner
+    if pruner is None:
         student = load_model(settings.init, device=device)
         dense = _dense_target_weights(load_model(model_name), settings) if want_dense else None
         masks = _masks_from_zeros(student, settings, settings.init)
         if dense is not None:
             for name, mask in masks.items():
                 if dense[name].shape != mask.shape:
-                    _fail(
+                    raise SemisparseError(
                         f"{settings.init} does not fit {model_name} (layer {name}): "
                         "use the model it was pruned from"
                     )
@@ -205,68 +182,57 @@ def _initial_student(
 
     student = load_model(model_name, device=device)
     dense = _dense_target_weights(student, settings)
-    ids, calibration_info = None, None
-    if settings.init != "magnitude":
-        ids, calibration_info = _calibration(tokenizer, student, settings, seed)
-    prune(
-        student,
-        settings.init,
-        settings.nm_pattern,
-        calibration_ids=ids,
-        include=settings.include,
-        exclude=settings.exclude,
-        device=device,
-        progress=progress,
-    )
-    masks = _masks_from_zeros(student, settings, f"the {settings.init}-pruned model")
-    if settings.init != "sparsegpt":
-        targets = find_targets(student, settings.include, settings.exclude)
-        with torch.no_grad():
-            for name, module in targets.items():
-                module_weight(module).copy_(dense[name])
+    config = pruner_config(pruner.name, pattern=settings.pattern)
+    with calibration_settings():
+        _, calibration_info = calibrate_and_prune(
+            student,
+            tokenizer,
+            config,
+            calibration_of(settings, seed),
+            filter_fn=settings.filter_fn,
+            device=device,
+            progress=progress,
+        )
+    masks = _masks_from_zeros(student, settings, f"the {pruner.name}-pruned model")
+    if not pruner.updates_kept_weights:
+        for name, module in find_targets(student, settings.filter_fn).items():
+            set_weight_matrix(module, dense[name].to(weight_matrix(module).device))
     return (
         student,
         masks,
         dense if want_dense else None,
-        {"init": settings.init, "calibration": calibration_info},
+        {"init": pruner.name, "calibration": calibration_info},
     )
 
 
-def _load_teacher(name: str, student: nn.Module, device: str) -> nn.Module:
-    """The frozen dense teacher: bf16 on GPUs (it only runs forward), float32 elsewhere."""
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    teacher = load_model(name, dtype=dtype, device=device)
-    teacher.requires_grad_(False)
-    vocab_t = teacher.get_output_embeddings().weight.shape[0]
-    vocab_s = student.get_output_embeddings().weight.shape[0]
-    if vocab_t != vocab_s:
-        _fail(
-            f"teacher {name} has {vocab_t} output tokens, the student {vocab_s}: "
-            "use a teacher of the same family"
-        )
-    return teacher.eval()
-
-
-class ASTMethod:
-    """AST for the shared training loop (implements `TrainingMethod`)."""
+@register(
+    "trainer",
+    "ast",
+    ASTConfig,
+    summary="AST: 2:4 retraining with adaptive masks, distillation, annealed SR-STE and optional SLoRB.",
+)
+class ASTMethod(TrainingMethod):
+    """AST for the shared training loop."""
 
     name = "ast"
 
     def __init__(
         self,
         model: nn.Module,
-        teacher: nn.Module | None,
+        teacher: Teacher | None,
         tokenizer: Any,
-        settings: ASTSettings,
+        settings: ASTConfig,
         updater: MaskUpdater,
         total_steps: int,
         device: str,
         provenance: dict[str, Any],
     ) -> None:
         self.model = model
-        self.teacher = teacher
         self.tokenizer = tokenizer
         self.settings = settings
+        self.distiller = Distiller(
+            teacher, settings.alpha_task, settings.alpha_kl, settings.temperature, settings.layerwise
+        )
         self.updater = updater
         self.layers = updater.layers
         self.device = torch.device(device)
@@ -278,11 +244,15 @@ class ASTMethod:
         self.provenance = provenance
         self.optimizer: SRSTEAdamW | None = None
 
+    @property
+    def teacher(self) -> Teacher | None:
+        return self.distiller.teacher
+
     @classmethod
     def from_pretrained(
         cls,
         model_name: str,
-        settings: ASTSettings,
+        settings: ASTConfig,
         total_steps: int,
         device: str,
         seed: int = 0,
@@ -294,15 +264,12 @@ class ASTMethod:
         `initialise=False` skips pruning and calibration (a checkpoint restores weights, masks and state).
         """
         if total_steps < 1:
-            _fail(
-                f"AST needs at least one optimizer step (total_steps={total_steps}): raise the token budget"
+            raise SemisparseError(
+                f"AST needs at least one optimizer step (total_steps={total_steps}): raise `tokens`"
             )
         teacher_name = settings.teacher or model_name
         if settings.needs_teacher:
-            try:
-                resolve_model_path(teacher_name)
-            except SemisparseError as err:
-                raise SemisparseError(f"teacher: {err}") from err
+            Teacher.check_source(teacher_name)
         tokenizer = load_tokenizer(model_name)
         if initialise:
             student, masks, dense, provenance = _initial_student(
@@ -324,7 +291,8 @@ class ASTMethod:
         norms = None
         if settings.mask_score == "wanda":
             if initialise:
-                ids, info = _calibration(tokenizer, student, settings, seed)
+                with calibration_settings():
+                    ids, info = load_calibration(student, tokenizer, calibration_of(settings, seed))
                 norms = collect_input_norms(student, layers, ids)
                 provenance["mask_score_calibration"] = info
             else:
@@ -333,7 +301,7 @@ class ASTMethod:
                     for name, layer in layers.items()
                 }
         updater = MaskUpdater(layers, settings.nm_pattern, settings.mask_score, norms)
-        teacher = _load_teacher(teacher_name, student, device) if settings.needs_teacher else None
+        teacher = Teacher.from_model(teacher_name, student, device) if settings.needs_teacher else None
         provenance["teacher"] = teacher_name if teacher is not None else None
         student.train()
         return cls(student, teacher, tokenizer, settings, updater, total_steps, device, provenance)
@@ -369,28 +337,7 @@ class ASTMethod:
         return {"decay_lambda": lam}
 
     def loss(self, batch: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
-        ids = batch.to(self.device)
-        hidden = self.settings.layerwise > 0
-        student = self.model(input_ids=ids, output_hidden_states=hidden, use_cache=False)
-        teacher = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher = self.teacher(input_ids=ids, output_hidden_states=hidden, use_cache=False)
-        loss, metrics = distillation_loss(
-            student.logits,
-            teacher.logits if teacher is not None and self.settings.alpha_kl > 0 else None,
-            ids,
-            self.settings.alpha_task,
-            self.settings.alpha_kl,
-            self.settings.temperature,
-        )
-        if hidden:
-            assert teacher is not None
-            extra = layerwise_loss(student.hidden_states[1:], teacher.hidden_states[1:])
-            loss = loss + self.settings.layerwise * extra
-            metrics["loss_layerwise"] = extra.item()
-            metrics["loss"] = loss.item()
-        return loss, metrics
+        return self.distiller.loss(self.model, batch.to(self.device))
 
     def after_step(self, step: int) -> dict[str, float]:
         """Recompute the masks after every Δt-th optimizer step (`step` as in `before_step`)."""
@@ -438,5 +385,5 @@ class ASTMethod:
             "slorb_kept": bool(tensors),
             "initial_mask": self.provenance,
             "decay_warmup_steps": self.decay_warmup_steps,
-            "settings": asdict(self.settings),
+            "settings": self.settings.to_dict(),
         }

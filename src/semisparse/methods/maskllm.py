@@ -1,29 +1,27 @@
 """MaskLLM as a training method: learn each layer's N:M mask by Gumbel-softmax, weights frozen.
 
-Plugs into the shared loop (`semisparse.training`) through the `TrainingMethod` protocol. Only the mask
-logits train (AdamW, β = (0.9, 0.95), no weight decay); the loss is the language-model cross-entropy
+Plugs into the shared loop (`semisparse.training`) as a `TrainingMethod`. Only the mask logits train
+(AdamW, β = (0.9, 0.95), no weight decay, at the run's `lr`); the loss is the language-model cross-entropy
 minus `λ_t Σ‖W ⊙ M̃‖²`, which rewards masks that keep large weights. `train_weights` (beyond the paper)
 also trains the masked weights with a straight-through gradient, optionally with AST's distillation loss.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from semisparse import nm
-from semisparse.data import calibration_ids, file_sha256
+from semisparse import nm, registry
+from semisparse.data import file_sha256
 from semisparse.errors import SemisparseError
 from semisparse.maskfiles import MASKS_FILE, load_masks, save_masks, target_shapes
 from semisparse.maskllm.candidates import candidate_count
-from semisparse.maskllm.prior import PRIOR_METHODS, one_shot_masks
+from semisparse.maskllm.prior import one_shot_masks
 from semisparse.maskllm.swap import (
     attach_learnable_masks,
     candidate_indices,
@@ -38,100 +36,78 @@ from semisparse.maskllm.swap import (
     regulariser,
     set_schedule,
 )
-from semisparse.models import context_length, find_targets, load_model, load_tokenizer
-from semisparse.training.distill import distillation_loss
+from semisparse.methods.common import calibration_of, calibration_settings
+from semisparse.models import load_model, load_tokenizer
+from semisparse.modules import find_targets
+from semisparse.pruning import pruner_config
+from semisparse.registry import register
+from semisparse.settings import setting
+from semisparse.training.distill import Distiller, Teacher
+from semisparse.training.method import MethodConfig, TrainingMethod
 from semisparse.training.optim import adamw
 
 FLIP_EVERY = 10
 
 
-def _flag(name: str) -> str:
-    """How a user sets a MaskLLM setting: `--set key=value` on `semisparse train maskllm` (or the recipe)."""
-    return f"--set {name}=..."
-
-
 @dataclass
-class MaskLLMSettings:
-    """MaskLLM's own knobs (METHODS.md §3); a flat dataclass so CLI flags and YAML recipes fill it."""
+class MaskLLMConfig(MethodConfig):
+    """MaskLLM's own knobs (`../shared/METHODS.md` §3), the `method:` section of a recipe.
 
-    pattern: str = "2:4"
-    prior: str = "sparsegpt"  # sparsegpt | wanda | magnitude | none
-    prior_mask: str | None = None  # a mask file used as the prior instead (transfer); overrides `prior`
-    alpha: float = 3.0  # prior strength; 0 = no prior
-    tau_start: float = 4.0
-    tau_end: float = 0.05
-    kappa_start: float = 1e2
-    kappa_end: float = 5e2
-    hard: bool = False
-    reg_start: float = 1e-5
-    reg_end: float = 0.0
-    lr: float = 5e-4  # peak lr of the logits (the loop's schedule scales it)
-    calibration: str = "c4"  # data for the sparsegpt / wanda prior
-    calibration_nsamples: int = 128
-    calibration_seqlen: int = 2048
-    train_weights: bool = False  # joint mode: also train the kept weights (straight-through)
-    weight_lr: float = 2e-5  # peak lr of the weights in joint mode
-    distill: bool = False  # dense teacher: alpha_task · CE + alpha_kl · T² · KL instead of CE
-    alpha_task: float = 1.0
-    alpha_kl: float = 1.0
-    temperature: float = 2.0
+    The run's `lr` is the peak lr of the mask logits (their AdamW group; MaskLLM trains them without
+    warm-up at 5e-4 by default); `weight_lr` is that of the kept weights in joint mode (`train_weights`).
+    """
 
-    def __post_init__(self) -> None:
+    owner: ClassVar[str] = "maskllm"
+    train_defaults: ClassVar[Mapping[str, Any]] = {"warmup_steps": 0, "lr": 5e-4}
+    lr_target: ClassVar[str] = "the mask logits"
+
+    pattern: str = setting("2:4", "N:M pattern of the learned masks")
+    prior: str = setting("sparsegpt", "one-shot pruner the logits start from (a registered pruner) or none")
+    prior_mask: str | None = setting(
+        None, "mask file (.npz) to start from instead (transfer); overrides prior"
+    )
+    alpha: float = setting(3.0, "prior strength: logit shift in units of their std; 0 = no prior", minimum=0)
+    tau_start: float = setting(4.0, "Gumbel-softmax temperature τ at the first step", above=0)
+    tau_end: float = setting(0.05, "τ at the last step (linear in between)", above=0)
+    kappa_start: float = setting(1e2, "logit scale κ at the first step", above=0)
+    kappa_end: float = setting(5e2, "κ at the last step (linear in between)", above=0)
+    hard: bool = setting(False, "forward one-hot samples with the soft gradient (straight-through)")
+    reg_start: float = setting(
+        1e-5, "weight λ of the kept-weight reward ‖W ⊙ M̃‖² at the first step", minimum=0
+    )
+    reg_end: float = setting(0.0, "λ at the last step (linear in between)", minimum=0)
+    calibration: str = setting(
+        "c4", "calibration data of a prior that reads data: c4, wikipedia or a text file"
+    )
+    calibration_nsamples: int = setting(128, "calibration windows of the prior", minimum=1)
+    calibration_seqlen: int = setting(2048, "tokens per calibration window of the prior", minimum=1)
+    train_weights: bool = setting(False, "joint mode: also train the kept weights (straight-through)")
+    weight_lr: float = setting(2e-5, "peak lr of the weights in joint mode", above=0)
+    distill: bool = setting(False, "dense teacher: alpha_task · CE + alpha_kl · T² · KL instead of CE")
+    alpha_task: float = setting(1.0, "weight of the cross-entropy term when distilling", minimum=0)
+    alpha_kl: float = setting(1.0, "weight of the KL term when distilling", minimum=0)
+    temperature: float = setting(2.0, "distillation temperature T", above=0)
+
+    def check(self) -> None:
         nm.parse_pattern(self.pattern)
-        if self.prior not in PRIOR_METHODS:
-            raise SemisparseError(f"unknown prior '{self.prior}': use one of {', '.join(PRIOR_METHODS)}")
-        if self.prior_mask is not None and (not isinstance(self.prior_mask, str) or not self.prior_mask):
-            raise SemisparseError(
-                "prior_mask must be the path of a mask file (.npz); fix --set prior_mask=..."
-            )
-        for name in ("hard", "train_weights", "distill"):
-            if not isinstance(getattr(self, name), bool):
-                raise SemisparseError(f"{name} must be true or false (got {getattr(self, name)!r})")
-        for name in ("tau_start", "tau_end", "kappa_start", "kappa_end", "lr", "weight_lr", "temperature"):
-            self._check_number(name, positive=True)
-        for name in ("alpha", "reg_start", "reg_end", "alpha_task", "alpha_kl"):
-            self._check_number(name, positive=False)
-        for name in ("calibration_nsamples", "calibration_seqlen"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SemisparseError(f"{name} must be a positive integer (got {value!r}); fix {_flag(name)}")
-        if not isinstance(self.calibration, str) or not self.calibration:
-            raise SemisparseError(
-                "calibration must name c4, wikipedia or a text file; fix --set calibration=..."
-            )
+        priors = ["none", *registry.names("pruner")]
+        if self.prior not in priors:
+            raise SemisparseError(f"unknown prior '{self.prior}': use one of {', '.join(priors)}")
+        if not self.calibration:
+            raise SemisparseError("`calibration` must name c4, wikipedia or a text file")
         if self.distill and self.alpha_task == 0 and self.alpha_kl == 0:
             raise SemisparseError(
-                "alpha_task and alpha_kl are both 0, so there is no loss: raise one of them"
+                "`alpha_task` and `alpha_kl` are both 0, so there is no loss: raise one of them"
             )
-
-    def _check_number(self, name: str, positive: bool) -> None:
-        value = getattr(self, name)
-        ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-        if not ok or value < 0 or (positive and value == 0):
-            bound = "positive" if positive else ">= 0"
-            raise SemisparseError(f"{name} must be finite and {bound} (got {value!r}); fix {_flag(name)}")
 
     @property
     def nm_pattern(self) -> nm.NMPattern:
         return nm.parse_pattern(self.pattern)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MaskLLMSettings:
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SemisparseError(
-                f"unknown maskllm setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        return cls(**data)
-
 
 def _check_steps(total_steps: int) -> None:
     if total_steps < 1:
-        raise SemisparseError(f"total_steps must be at least 1 (got {total_steps}); raise the token budget")
+        raise SemisparseError(f"total_steps must be at least 1 (got {total_steps}); raise `tokens`")
 
 
 def _linear(start: float, end: float, step: int, total_steps: int) -> float:
@@ -144,7 +120,13 @@ def _index_dtype(count: int) -> torch.dtype:
     return torch.uint8 if count <= 255 else torch.int32
 
 
-class MaskLLMMethod:
+@register(
+    "trainer",
+    "maskllm",
+    MaskLLMConfig,
+    summary="MaskLLM: learn N:M masks of a frozen model with Gumbel-softmax from a one-shot prior.",
+)
+class MaskLLMMethod(TrainingMethod):
     """The `TrainingMethod` for MaskLLM; build it with `from_pretrained`."""
 
     name = "maskllm"
@@ -153,11 +135,11 @@ class MaskLLMMethod:
         self,
         model: nn.Module,
         tokenizer: Any,
-        settings: MaskLLMSettings,
+        settings: MaskLLMConfig,
         total_steps: int,
         prior_indices: dict[str, Tensor],
         prior_info: dict[str, Any],
-        teacher: nn.Module | None = None,
+        teacher: Teacher | None = None,
         model_name: str = "",
     ) -> None:
         _check_steps(total_steps)
@@ -167,18 +149,26 @@ class MaskLLMMethod:
         self.total_steps = total_steps
         self.prior_indices = prior_indices
         self.prior_info = prior_info
-        self.teacher = teacher
+        if settings.distill:
+            self.distiller = Distiller(teacher, settings.alpha_task, settings.alpha_kl, settings.temperature)
+        else:
+            self.distiller = Distiller(None, 1.0, 0.0, settings.temperature)
         self.model_name = model_name
         self.layers = learnable_layers(model)
         if not self.layers:
             raise ValueError("the model has no learnable-mask layers: attach them first")
+        self._reg_lambda = 0.0
         self._schedule(0)
+
+    @property
+    def teacher(self) -> Teacher | None:
+        return self.distiller.teacher
 
     @classmethod
     def from_pretrained(
         cls,
         model_name: str,
-        settings: MaskLLMSettings,
+        settings: MaskLLMConfig,
         total_steps: int,
         device: str | torch.device,
         seed: int = 0,
@@ -200,9 +190,7 @@ class MaskLLMMethod:
             prior_masks, prior_info = _prior_masks(model, tokenizer, settings, device, seed, progress)
         teacher = None
         if settings.distill and settings.alpha_kl > 0:
-            teacher = copy.deepcopy(model).requires_grad_(False).eval()
-            if torch.device(device).type == "cuda":
-                teacher = teacher.to(torch.bfloat16)
+            teacher = Teacher.from_model(model, device=device)
         alpha = settings.alpha if prior_masks is not None else 0.0
         layers = attach_learnable_masks(model, pattern, prior_masks, alpha=alpha, seed=seed)
         model.requires_grad_(False)
@@ -217,11 +205,11 @@ class MaskLLMMethod:
 
     # --- TrainingMethod -----------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:
-        """The logits (no weight decay); in joint mode also the masked weights at `weight_lr`."""
+        """The logits at the run's lr (no weight decay); in joint mode also the masked weights at
+        `weight_lr`."""
         groups: list[dict] = [
             {
                 "params": [layer.logits for layer in self.layers.values()],
-                "lr": self.settings.lr,
                 "weight_decay": 0.0,
                 "name": "logits",
             }
@@ -236,13 +224,11 @@ class MaskLLMMethod:
             )
         return groups
 
-    def make_optimizer(self, groups: list[dict], config: Any = None) -> torch.optim.Optimizer:
-        """AdamW with β = (0.9, 0.95) (the config's betas, which default to that); decay only on weights."""
-        betas = tuple(getattr(config, "betas", (0.9, 0.95)))
-        decay = getattr(config, "weight_decay", 0.0)
+    def make_optimizer(self, groups: list[dict], config: Any) -> torch.optim.Optimizer:
+        """AdamW at the run's lr with its betas (β = (0.9, 0.95) by default); decay only on the weights."""
         for group in groups:
-            group.setdefault("weight_decay", decay)
-        return adamw(groups, lr=self.settings.lr, betas=betas, eps=getattr(config, "eps", 1e-8))
+            group.setdefault("weight_decay", config.weight_decay)
+        return adamw(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
 
     def schedule(self, step: int) -> dict[str, float]:
         """τ, κ and λ of the regulariser at `step` (0-based optimizer step), linear over the run."""
@@ -266,16 +252,7 @@ class MaskLLMMethod:
         """CE (or the distillation loss) of the sampled-mask model minus λ·‖W ⊙ M̃‖²."""
         self._schedule(step)
         device = self.layers[next(iter(self.layers))].logits.device
-        batch = batch.to(device)
-        logits = self.model(input_ids=batch, use_cache=False).logits
-        settings, teacher_logits = self.settings, None
-        alpha_task, alpha_kl = (settings.alpha_task, settings.alpha_kl) if settings.distill else (1.0, 0.0)
-        if settings.distill and self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=batch, use_cache=False).logits
-        task, metrics = distillation_loss(
-            logits, teacher_logits, batch, alpha_task, alpha_kl, settings.temperature
-        )
+        task, metrics = self.distiller.loss(self.model, batch.to(device))
         reg = regulariser(self.model)
         loss = task - self._reg_lambda * reg
         metrics.update({"regulariser": reg.item(), "loss": loss.item()})
@@ -353,7 +330,7 @@ class MaskLLMMethod:
 def _prior_masks(
     model: nn.Module,
     tokenizer: Any,
-    settings: MaskLLMSettings,
+    settings: MaskLLMConfig,
     device: str | torch.device,
     seed: int,
     progress: bool,
@@ -366,16 +343,9 @@ def _prior_masks(
         return masks, {"source": "mask_file", "path": str(path), "sha256": file_sha256(path)}
     if settings.prior == "none" or settings.alpha == 0:
         return None, {"source": "none"}
-    ids, calibration = None, None
-    if settings.prior != "magnitude":
-        context = context_length(model)
-        if settings.calibration_seqlen > context:
-            raise SemisparseError(
-                f"calibration_seqlen {settings.calibration_seqlen} exceeds the model's context of {context}; "
-                f"set calibration_seqlen to {context} or less"
-            )
-        ids, calibration = calibration_ids(
-            tokenizer, settings.calibration, settings.calibration_nsamples, settings.calibration_seqlen, seed
+    config = pruner_config(settings.prior, pattern=settings.pattern)
+    with calibration_settings():
+        masks, calibration = one_shot_masks(
+            model, tokenizer, config, calibration_of(settings, seed), device=device, progress=progress
         )
-    masks = one_shot_masks(model, settings.prior, pattern, ids, device=device, progress=progress)
     return masks, {"source": settings.prior, "calibration": calibration}

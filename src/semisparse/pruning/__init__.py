@@ -1,102 +1,85 @@
 """One-shot pruners (magnitude, Wanda, SparseGPT) to N:M or unstructured sparsity.
 
-`prune` validates the request, picks the target layers, and runs magnitude directly (it needs no data)
-or Wanda / SparseGPT through the sequential calibration engine.
+Each pruner is a config registered with its layer pruner (`semisparse.registry`), in the shape torchao
+made familiar: `prune(model, SparseGPTConfig(pattern="2:4"), filter_fn=..., calibration_ids=ids)`.
+Pruners that need data run through the sequential calibration engine; the others prune layer by layer.
+`calibrate_and_prune` adds the calibration windows for a tokenizer, the step every job shares.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from semisparse import nm
+from semisparse import nm, registry
+from semisparse.calibration import Calibration, load_calibration
 from semisparse.errors import SemisparseError
-from semisparse.models import find_targets, weight_matrix
-from semisparse.nm import NMPattern
-from semisparse.pruning.engine import LayerPruner, run_sequential
-from semisparse.pruning.magnitude import prune_magnitude
-from semisparse.pruning.sparsegpt import SparseGPTPruner
-from semisparse.pruning.wanda import WandaPruner
+from semisparse.modules import FilterFn, find_targets, weight_matrix
+from semisparse.pruning.config import PrunerConfig
+from semisparse.pruning.engine import LayerPruner, check_calibration_ids, run_layerwise
+from semisparse.pruning.magnitude import MagnitudeConfig
+from semisparse.pruning.sparsegpt import SparseGPTConfig
+from semisparse.pruning.wanda import WandaConfig
 
-PRUNING_METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
+__all__ = [
+    "MagnitudeConfig",
+    "PrunerConfig",
+    "SparseGPTConfig",
+    "WandaConfig",
+    "calibrate_and_prune",
+    "prune",
+    "pruner_config",
+]
 
-__all__ = ["PRUNING_METHODS", "prune"]
 
-
-def _check_request(
-    method: str,
-    pattern: NMPattern | None,
-    sparsity: float | None,
-    calibration_ids: Tensor | None,
-    blocksize: int,
-    percdamp: float,
-) -> None:
-    """Reject bad arguments up front, each with a one-line fix."""
-    if method not in PRUNING_METHODS:
-        raise SemisparseError(f"unknown pruning method '{method}': use one of {', '.join(PRUNING_METHODS)}")
-    if (pattern is None) == (sparsity is None):
-        raise SemisparseError("give exactly one of pattern (e.g. 2:4) and sparsity (e.g. 0.5)")
-    if sparsity is not None and not 0.0 < sparsity < 1.0:
-        raise SemisparseError(f"sparsity {sparsity} is outside (0, 1): use e.g. 0.5 for half of the weights")
-    if method == "magnitude":
-        return
-    if calibration_ids is None:
-        raise SemisparseError(
-            f"{method} needs calibration data: pass calibration_ids (or use method='magnitude')"
-        )
-    if calibration_ids.dim() != 2 or calibration_ids.shape[0] == 0 or calibration_ids.shape[1] == 0:
-        raise SemisparseError(
-            f"calibration_ids must be [n_samples, seqlen] with at least one sample and one token, "
-            f"got shape {tuple(calibration_ids.shape)}: pass more calibration samples"
-        )
-    if calibration_ids.is_floating_point() or calibration_ids.is_complex():
-        raise SemisparseError(
-            "calibration_ids must hold integer token ids: tokenize the calibration text first"
-        )
-    if method == "sparsegpt":
-        if blocksize <= 0 or (pattern is not None and blocksize % pattern.m != 0):
-            m = pattern.m if pattern is not None else 1
-            raise SemisparseError(f"blocksize {blocksize} must be a positive multiple of M={m}: use e.g. 128")
-        if percdamp < 0:
-            raise SemisparseError(f"percdamp {percdamp} is negative: use e.g. 0.01")
+def pruner_config(method: str, **settings: Any) -> PrunerConfig:
+    """The config of the pruner registered as `method`, from plain values (a recipe, CLI flags)."""
+    return registry.lookup("pruner", method).config.from_mapping(settings)
 
 
 def prune(
     model: nn.Module,
-    method: str = "sparsegpt",
-    pattern: NMPattern | str | None = None,
-    sparsity: float | None = None,
+    config: PrunerConfig,
+    filter_fn: FilterFn | None = None,
     calibration_ids: Tensor | None = None,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    blocksize: int = 128,
-    percdamp: float = 0.01,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
     """Prune the model's decoder-block linears in place; returns each target's fraction of zeros.
 
-    Exactly one of `pattern` (N:M along the input dimension) and `sparsity` (unstructured, per row) is
-    given. Wanda and SparseGPT calibrate sequentially on `calibration_ids` [n_samples, seqlen].
+    `filter_fn(module, name)` picks the targets among the decoder-block linears (all by default;
+    `semisparse.modules.layer_filter` builds one from globs). Pruners that need data calibrate
+    sequentially on `calibration_ids` [n_samples, seqlen].
     """
-    if isinstance(pattern, str):
-        pattern = nm.parse_pattern(pattern)
-    _check_request(method, pattern, sparsity, calibration_ids, blocksize, percdamp)
-    targets = find_targets(model, include, exclude, m=pattern.m if pattern is not None else None)
+    entry = registry.for_config(config, "pruner")
+    pattern = config.nm_pattern
+    kind = "nm" if pattern is not None else "unstructured"
+    if kind not in entry.patterns:
+        raise SemisparseError(f"{entry.name} does not support {kind} sparsity: use another pruner")
+    ids = check_calibration_ids(entry.name, calibration_ids) if entry.needs_calibration else None
+    targets = find_targets(model, filter_fn, m=pattern.m if pattern is not None else None)
 
-    if method == "magnitude":
-        for module in targets.values():
-            prune_magnitude(module, pattern, sparsity)
-    else:
-        assert calibration_ids is not None
+    def make_pruner(name: str, module: nn.Module) -> LayerPruner:
+        return entry.implementation(name, module, config)
 
-        def make_pruner(name: str, module: nn.Module) -> LayerPruner:
-            if method == "wanda":
-                return WandaPruner(module, pattern, sparsity)
-            return SparseGPTPruner(module, pattern, sparsity, blocksize, percdamp, name)
-
-        desc = f"{method} {pattern}" if pattern is not None else f"{method} {sparsity:.0%}"
-        run_sequential(model, targets, make_pruner, calibration_ids, device, progress, desc)
+    run_layerwise(model, targets, make_pruner, ids, device, progress, f"{entry.name} {config.target}")
     return {name: nm.sparsity(weight_matrix(module)) for name, module in targets.items()}
+
+
+def calibrate_and_prune(
+    model: nn.Module,
+    tokenizer: Any,
+    config: PrunerConfig,
+    calibration: Calibration | None = None,
+    filter_fn: FilterFn | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """Load calibration windows when the pruner needs them, then prune; returns per-layer sparsity and
+    the calibration provenance (None for a data-free pruner)."""
+    ids, info = None, None
+    if registry.for_config(config, "pruner").needs_calibration:
+        ids, info = load_calibration(model, tokenizer, calibration or Calibration())
+    return prune(model, config, filter_fn, ids, device, progress), info

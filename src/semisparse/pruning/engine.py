@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from semisparse.errors import SemisparseError
-from semisparse.models import decoder_blocks
+from semisparse.modules import decoder_blocks
 
 
 class LayerPruner(Protocol):
@@ -200,7 +200,7 @@ def _targets_by_block(blocks: nn.ModuleList, targets: Mapping[str, nn.Module]) -
     grouped: list[dict[str, nn.Module]] = [{} for _ in blocks]
     for name, module in targets.items():
         if id(module) not in owner:
-            raise SemisparseError(f"{name} is not inside a decoder block: exclude it with --exclude")
+            raise SemisparseError(f"{name} is not inside a decoder block: leave it out with `exclude`")
         grouped[owner[id(module)]][name] = module
     return grouped
 
@@ -248,6 +248,42 @@ def run_sequential(
             finally:
                 if device is not None and home is not None:
                     block.to(home)
+
+
+def check_calibration_ids(name: str, calibration_ids: Tensor | None) -> Tensor:
+    if calibration_ids is None:
+        raise SemisparseError(
+            f"{name} needs calibration data: pass `calibration_ids` [n_samples, seqlen] of token ids"
+        )
+    if calibration_ids.dim() != 2 or calibration_ids.shape[0] == 0 or calibration_ids.shape[1] == 0:
+        raise SemisparseError(
+            f"`calibration_ids` must be [n_samples, seqlen] with at least one sample and one token, "
+            f"got shape {tuple(calibration_ids.shape)}: pass more calibration samples"
+        )
+    if calibration_ids.is_floating_point() or calibration_ids.is_complex():
+        raise SemisparseError(
+            "`calibration_ids` must hold integer token ids: tokenize the calibration text first"
+        )
+    return calibration_ids
+
+
+def run_layerwise(
+    model: nn.Module,
+    targets: Mapping[str, nn.Module],
+    make_pruner: Callable[[str, nn.Module], LayerPruner],
+    calibration_ids: Tensor | None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    desc: str = "pruning",
+) -> None:
+    """Run a layer algorithm on every target: sequentially calibrated when it gets calibration ids,
+    else directly, layer by layer (a data-free pruner or quantizer never sees an input)."""
+    if calibration_ids is not None:
+        run_sequential(model, targets, make_pruner, calibration_ids, device, progress, desc)
+        return
+    with torch.no_grad():
+        for name, module in targets.items():
+            make_pruner(name, module).prune()
 
 
 def _calibrate_and_prune(

@@ -6,12 +6,17 @@ consecutive inputs of a row the `N` largest survive (or, unstructured, a fixed f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
 from semisparse import nm
-from semisparse.models import set_weight_matrix, weight_matrix
+from semisparse.modules import set_weight_matrix, weight_matrix
 from semisparse.nm import NMPattern
+from semisparse.pruning.config import PrunerConfig
+from semisparse.registry import register
 
 
 def select_mask(scores: Tensor, pattern: NMPattern | None, sparsity: float | None) -> Tensor:
@@ -38,3 +43,29 @@ def apply_mask(module: nn.Module, mask: Tensor) -> None:
 def prune_magnitude(module: nn.Module, pattern: NMPattern | None, sparsity: float | None) -> None:
     """Prune one layer by weight magnitude."""
     apply_mask(module, magnitude_mask(weight_matrix(module), pattern, sparsity))
+
+
+@dataclass
+class MagnitudeConfig(PrunerConfig):
+    """Magnitude pruning: no settings beyond the target sparsity."""
+
+    owner: ClassVar[str] = "magnitude"
+
+
+class MagnitudePruner:
+    """Magnitude as a layer pruner: it ignores calibration inputs, so it can also run without any."""
+
+    def __init__(self, module: nn.Module, config: MagnitudeConfig) -> None:
+        self.module = module
+        self.config = config
+
+    def add_batch(self, inp: Tensor) -> None:
+        return None
+
+    def prune(self) -> None:
+        prune_magnitude(self.module, self.config.nm_pattern, self.config.sparsity)
+
+
+@register("pruner", "magnitude", MagnitudeConfig, summary="keep the largest |W| in every group; no data")
+def magnitude_pruner(name: str, module: nn.Module, config: MagnitudeConfig) -> MagnitudePruner:
+    return MagnitudePruner(module, config)

@@ -9,14 +9,19 @@ applied lazily in blocks of columns, so the work per column touches only its blo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from semisparse import nm
 from semisparse.errors import SemisparseError
-from semisparse.models import set_weight_matrix, weight_matrix
+from semisparse.modules import set_weight_matrix, weight_matrix
 from semisparse.nm import NMPattern
+from semisparse.pruning.config import PrunerConfig
+from semisparse.registry import register
+from semisparse.settings import setting
 
 
 def inverse_hessian_cholesky(hessian: Tensor, layer_name: str = "layer") -> Tensor:
@@ -27,7 +32,7 @@ def inverse_hessian_cholesky(hessian: Tensor, layer_name: str = "layer") -> Tens
     if int(info) != 0:
         raise SemisparseError(
             f"SparseGPT: the Hessian of {layer_name} is not positive definite: "
-            "use a larger --percdamp (e.g. 0.1) or more calibration data (--nsamples)"
+            "use a larger dampening (e.g. `percdamp`=0.1) or more calibration data (`nsamples`)"
         )
     return upper
 
@@ -138,10 +143,41 @@ class SparseGPTPruner:
     def prune(self) -> None:
         if self.n_samples == 0:
             raise SemisparseError(
-                f"SparseGPT saw no inputs for {self.name}: the model never calls it, use --exclude"
+                f"SparseGPT saw no inputs for {self.name}: the model never calls it, "
+                "leave it out with `exclude`"
             )
         weight = weight_matrix(self.module)
         pruned = sparsegpt_prune_weight(
             weight, self.hessian, self.pattern, self.sparsity, self.blocksize, self.percdamp, self.name
         )
         set_weight_matrix(self.module, pruned.to(weight.dtype))
+
+
+@dataclass
+class SparseGPTConfig(PrunerConfig):
+    """SparseGPT: OBS pruning with reconstruction of the kept weights, one column block at a time."""
+
+    owner: ClassVar[str] = "sparsegpt"
+
+    blocksize: int = setting(128, "columns per lazy-update block (a multiple of M)", minimum=1)
+    percdamp: float = setting(0.01, "Hessian diagonal dampening, as a fraction of its mean", minimum=0)
+
+    def check(self) -> None:
+        super().check()
+        m = self.nm_pattern.m if self.nm_pattern is not None else 1
+        if self.blocksize % m:
+            raise SemisparseError(f"`blocksize` {self.blocksize} must be a multiple of M={m}: use e.g. 128")
+
+
+@register(
+    "pruner",
+    "sparsegpt",
+    SparseGPTConfig,
+    summary="OBS pruning that also updates the kept weights",
+    needs_calibration=True,
+    updates_kept_weights=True,
+)
+def sparsegpt_pruner(name: str, module: nn.Module, config: SparseGPTConfig) -> SparseGPTPruner:
+    return SparseGPTPruner(
+        module, config.nm_pattern, config.sparsity, config.blocksize, config.percdamp, name
+    )

@@ -6,12 +6,17 @@ memory per layer is one float32 vector of the input size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
-from semisparse.models import weight_matrix
+from semisparse.modules import weight_matrix
 from semisparse.nm import NMPattern
+from semisparse.pruning.config import PrunerConfig
 from semisparse.pruning.magnitude import apply_mask, select_mask
+from semisparse.registry import register
 
 
 def wanda_mask(
@@ -41,3 +46,17 @@ class WandaPruner:
     def prune(self) -> None:
         mask = wanda_mask(weight_matrix(self.module), self.input_sq_norms, self.pattern, self.sparsity)
         apply_mask(self.module, mask)
+
+
+@dataclass
+class WandaConfig(PrunerConfig):
+    """Wanda: no settings beyond the target sparsity; the calibration data give the input norms."""
+
+    owner: ClassVar[str] = "wanda"
+
+
+@register(
+    "pruner", "wanda", WandaConfig, summary="keep the largest |W|·‖X‖ per group", needs_calibration=True
+)
+def wanda_pruner(name: str, module: nn.Module, config: WandaConfig) -> WandaPruner:
+    return WandaPruner(module, config.nm_pattern, config.sparsity)

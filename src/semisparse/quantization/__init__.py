@@ -7,86 +7,57 @@ evaluation works unchanged); the returned `QuantizedWeight`s hold the integer co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from semisparse.errors import SemisparseError
-from semisparse.models import find_targets, set_weight_matrix, weight_matrix
-from semisparse.pruning.engine import LayerPruner, run_sequential
-from semisparse.quantization.gptq import GPTQQuantizer, gptq_quantize_weight
-from semisparse.quantization.rtn import QuantizedWeight, rtn_quantize
-
-QUANT_METHODS: tuple[str, ...] = ("rtn", "gptq")
-QUANT_BITS: tuple[int, ...] = (4, 8)
+from semisparse import registry
+from semisparse.modules import FilterFn, find_targets
+from semisparse.pruning.engine import LayerPruner, check_calibration_ids, run_layerwise
+from semisparse.quantization.config import QuantizerConfig
+from semisparse.quantization.gptq import GPTQConfig, gptq_quantize_weight
+from semisparse.quantization.rtn import QuantizedWeight, RTNConfig, rtn_quantize
 
 __all__ = [
-    "QUANT_BITS",
-    "QUANT_METHODS",
+    "GPTQConfig",
     "QuantizedWeight",
+    "QuantizerConfig",
+    "RTNConfig",
     "gptq_quantize_weight",
     "quantize",
+    "quantizer_config",
     "rtn_quantize",
 ]
 
 
-def check_settings(bits: int, group_size: int | None, method: str) -> None:
-    """Reject unsupported settings up front, each with its fix."""
-    if bits not in QUANT_BITS:
-        raise SemisparseError(f"--bits {bits} is not supported: use 4 or 8")
-    if group_size is not None and group_size <= 0:
-        raise SemisparseError(f"--group-size {group_size} must be positive: use e.g. 128 (or omit it)")
-    if method not in QUANT_METHODS:
-        raise SemisparseError(
-            f"unknown quantization method '{method}': use one of {', '.join(QUANT_METHODS)}"
-        )
+def quantizer_config(method: str, **settings: Any) -> QuantizerConfig:
+    """The config of the quantizer registered as `method`, from plain values (a recipe, CLI flags)."""
+    return registry.lookup("quantizer", method).config.from_mapping(settings)
 
 
 def quantize(
     model: nn.Module,
-    bits: int = 4,
-    group_size: int | None = 128,
-    method: str = "rtn",
+    config: QuantizerConfig,
+    filter_fn: FilterFn | None = None,
     calibration_ids: Tensor | None = None,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    symmetric: bool = False,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
     device: str | torch.device | None = None,
     progress: bool = True,
-    act_order: bool = True,
 ) -> dict[str, QuantizedWeight]:
     """Quantize the decoder-block linears in place (weights become their dequantized values).
 
-    `group_size` counts dense input columns (None: one grid per output row). GPTQ calibrates block by block
-    on `calibration_ids` [n_samples, seqlen] through the same sequential engine as the pruners; `act_order`
-    sweeps each layer's columns by decreasing Hessian diagonal with static groups (see `gptq`).
-    Returns each target's codes and grid, keyed by module name.
+    `group_size` counts dense input columns (None: one grid per output row). A quantizer that needs data
+    (GPTQ) calibrates block by block on `calibration_ids` [n_samples, seqlen] through the same sequential
+    engine as the pruners. Returns each target's codes and grid, keyed by module name.
     """
-    check_settings(bits, group_size, method)
-    targets = find_targets(model, include, exclude)
-    if method == "rtn":
-        results: dict[str, QuantizedWeight] = {}
-        for name, module in targets.items():
-            weight = weight_matrix(module)
-            results[name] = rtn_quantize(weight.detach(), weight != 0, bits, group_size, symmetric)
-            set_weight_matrix(module, results[name].dequantize(weight.dtype))
-        return results
-    if calibration_ids is None or calibration_ids.dim() != 2 or calibration_ids.numel() == 0:
-        raise SemisparseError(
-            "GPTQ needs calibration_ids of shape [n_samples, seqlen]: pass calibration data"
-        )
-    if percdamp < 0:
-        raise SemisparseError(f"percdamp {percdamp} is negative: use e.g. 0.01")
-    quantizers: dict[str, GPTQQuantizer] = {}
+    entry = registry.for_config(config, "quantizer")
+    ids = check_calibration_ids(entry.name, calibration_ids) if entry.needs_calibration else None
+    targets = find_targets(model, filter_fn)
+    quantizers: dict[str, Any] = {}
 
     def make_quantizer(name: str, module: nn.Module) -> LayerPruner:
-        quantizers[name] = GPTQQuantizer(
-            module, bits, group_size, symmetric, blocksize, percdamp, name, act_order
-        )
+        quantizers[name] = entry.implementation(name, module, config)
         return quantizers[name]
 
-    run_sequential(model, targets, make_quantizer, calibration_ids, device, progress, f"gptq int{bits}")
-    return {name: quantizer.result for name, quantizer in quantizers.items() if quantizer.result is not None}
+    run_layerwise(model, targets, make_quantizer, ids, device, progress, f"{entry.name} int{config.bits}")
+    return {name: q.result for name, q in quantizers.items() if q.result is not None}

@@ -3,23 +3,30 @@
 Columns are quantized one at a time, by default in decreasing order of the Hessian diagonal ("act order");
 each column's rounding error is spread over the not-yet-quantized columns through row `j` of the upper
 Cholesky factor of `H⁻¹` (as in SparseGPT, whose Hessian accumulation and Cholesky helper this reuses). The
-update is applied to the whole row, but only kept weights are ever read back (`w * mask`), so pruned weights
-contribute nothing, stay exactly zero and the result keeps the layer's N:M pattern. With act order, group
+update reaches pruned positions too, so as in SparseGPT's joint prune+quantize a pruned weight is "quantized"
+to exactly 0 when the sweep reaches it and the drift accumulated there is propagated like any other column's
+error (discarding it is not the OBS update: at 3 bits on correlated inputs that was no better than RTN).
+Pruned weights come out exactly zero and the result keeps the layer's N:M pattern. With act order, group
 grids are fixed from the original weights before the sweep ("static groups", so scales stay per contiguous
 group); in natural order a group's grid is fixed when the sweep reaches its first column, from the already-
-updated kept weights. On SmolLM2 int4 g128 (first 16 windows of 512) act order gave dense 49.3 vs 55.6 and 2:4
-236.3 vs 253.0 (RTN 50.9, 284.4).
+updated kept weights. Measured perplexities: `benchmarks/results/quantize_smollm2_cpu.md`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from semisparse.errors import SemisparseError
-from semisparse.models import set_weight_matrix, weight_matrix
+from semisparse.modules import set_weight_matrix, weight_matrix
 from semisparse.pruning.sparsegpt import SparseGPTPruner, inverse_hessian_cholesky
+from semisparse.quantization.config import QuantizerConfig
 from semisparse.quantization.rtn import SCALE_DTYPE, QuantizedWeight, grid_for, move_to, quantize_codes
+from semisparse.registry import register
+from semisparse.settings import setting
 
 
 @torch.no_grad()
@@ -86,9 +93,12 @@ def gptq_quantize_weight(
                 group = slice(j, j + size)
                 add_grid(w_block[:, group] * m_block[:, group], m_block[:, group] > 0)
             scale, zero = scales[column // size], zeros[column // size]
-            w = w_block[:, j : j + 1] * m_block[:, j : j + 1]
-            q = quantize_codes(w, scale, zero, bits) * m_block[:, j : j + 1]
-            dequantized = (q - zero) * scale * m_block[:, j : j + 1]
+            # A pruned weight is "quantized" to exactly 0: the drift earlier columns pushed into it is its
+            # error, propagated like any other column's (dropping it would not be the OBS update).
+            w = w_block[:, j : j + 1]
+            keep = m_block[:, j : j + 1]
+            q = quantize_codes(w, scale, zero, bits) * keep
+            dequantized = (q - zero) * scale * keep
             codes[:, column] = q.squeeze(1).to(torch.uint8)
             err = (w - dequantized).squeeze(1) / hinv_block[j, j]
             w_block[:, j + 1 :].addr_(err, hinv_block[j, j + 1 :], alpha=-1)  # in place: the hot loop
@@ -133,7 +143,7 @@ class GPTQQuantizer(SparseGPTPruner):
     def prune(self) -> None:
         if self.n_samples == 0:
             raise SemisparseError(
-                f"GPTQ saw no inputs for {self.name}: the model never calls it, use --exclude"
+                f"GPTQ saw no inputs for {self.name}: the model never calls it, leave it out with `exclude`"
             )
         weight = weight_matrix(self.module)
         self.result = gptq_quantize_weight(
@@ -151,3 +161,35 @@ class GPTQQuantizer(SparseGPTPruner):
         set_weight_matrix(self.module, self.result.dequantize(weight.dtype))
         self.result = move_to(self.result, torch.device("cpu"))
         self.hessian = torch.empty(0)  # every layer's quantizer lives until the end: drop its big matrix
+
+
+@dataclass
+class GPTQConfig(QuantizerConfig):
+    """GPTQ restricted to the kept weights: error compensation on the layer's calibration Hessian."""
+
+    owner: ClassVar[str] = "gptq"
+
+    act_order: bool = setting(True, "sweep columns by decreasing Hessian diagonal, with static groups")
+    blocksize: int = setting(128, "columns per lazy-update block", minimum=1)
+    percdamp: float = setting(0.01, "Hessian diagonal dampening, as a fraction of its mean", minimum=0)
+
+
+@register(
+    "quantizer",
+    "gptq",
+    GPTQConfig,
+    summary="quantize the kept weights column by column with error compensation",
+    needs_calibration=True,
+    updates_kept_weights=True,
+)
+def gptq_quantizer(name: str, module: nn.Module, config: GPTQConfig) -> GPTQQuantizer:
+    return GPTQQuantizer(
+        module,
+        config.bits,
+        config.group_size,
+        config.symmetric,
+        config.blocksize,
+        config.percdamp,
+        name,
+        config.act_order,
+    )

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from semisparse.errors import SemisparseError
-from semisparse.models import find_targets, weight_matrix
+from semisparse.modules import find_targets, weight_matrix
 from semisparse.quantization.rtn import QuantizedWeight, expand_groups, grid_zeros, n_groups
 
 GRID_FILE = "quantization.safetensors"
@@ -39,7 +39,7 @@ def recover_codes(weight: Tensor, mask: Tensor, grid: QuantizedWeight) -> Quanti
     if not torch.equal(rebuilt.dequantize(weight.dtype), weight):
         raise SemisparseError(
             "quantized weights are not on their saved grid (saved in another dtype?): "
-            "use the float32 output of `semisparse quantize`, or re-run quantize with --compressed"
+            "use the float32 output of `semisparse quantize`, or quantize again with `compressed` on"
         )
     return rebuilt
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from semisparse import nm
+from semisparse import nm, registry
+from semisparse.calibration import Calibration, load_calibration
 from semisparse.compressed import (
     COMPRESSED_FILE,
     FORMAT,
@@ -25,7 +26,13 @@ from semisparse.compressed import (
     load_compressed_with_codes,
     save_compressed,
 )
-from semisparse.data import calibration_ids
+from semisparse.compressed_tensors import (
+    LIBRARY_VERSION,
+    SPARSITY_FORMAT,
+    WEIGHTS_FILE,
+    is_compressed_tensors_dir,
+    save_compressed_tensors,
+)
 from semisparse.errors import SemisparseError
 from semisparse.export import (
     METADATA_FILE,
@@ -34,11 +41,14 @@ from semisparse.export import (
     provenance,
     read_metadata,
 )
-from semisparse.models import context_length, find_targets, load_model, load_tokenizer, weight_matrix
-from semisparse.quantization import QuantizedWeight, check_settings, quantize
+from semisparse.models import load_model, load_tokenizer
+from semisparse.modules import find_targets, layer_filter, weight_matrix
+from semisparse.quantization import QuantizedWeight, QuantizerConfig, quantize
 from semisparse.quantization.gridfile import load_quantized, save_grids
+from semisparse.runtime import default_device, measured
 from semisparse.sizes import dir_bytes, size_report
-from semisparse.workflows import measured
+
+COMPRESS_FORMATS = ("semisparse", "compressed-tensors")
 
 # Fields of the source's semisparse.json that the new provenance header replaces.
 _OWN_KEYS = (
@@ -84,9 +94,12 @@ def _write(
     quantized: dict[str, QuantizedWeight],
     compressed: bool,
     source_bytes: int,
+    compressed_tensors: bool = False,
 ) -> None:
     """Model files, tokenizer, then `semisparse.json` with the on-disk size of what was written."""
-    if compressed:
+    if compressed and compressed_tensors:
+        save_compressed_tensors(model, tmp)
+    elif compressed:
         save_compressed(model, tmp, quantized)
     else:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -100,15 +113,8 @@ def _write(
 def quantize_to_dir(
     model_dir: str,
     out: str | Path,
-    bits: int = 4,
-    method: str = "gptq",
-    group_size: int | None = 128,
-    symmetric: bool = False,
-    act_order: bool = True,
-    calibration: str = "c4",
-    nsamples: int = 128,
-    seqlen: int = 2048,
-    seed: int = 0,
+    config: QuantizerConfig,
+    calibration: Calibration | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     compressed: bool = False,
@@ -118,33 +124,19 @@ def quantize_to_dir(
 ) -> dict[str, Any]:
     """Quantize a (2:4) model directory's target layers and save it; returns the `semisparse.json` content."""
     ensure_output_available(out, overwrite)
-    check_settings(bits, group_size, method)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    entry = registry.for_config(config, "quantizer")
+    device = device or default_device()
     source = _source_metadata(model_dir)
     if source.get("quantization"):
         raise SemisparseError(f"{model_dir} is already quantized: quantize its unquantized source instead")
     model, _ = _load(model_dir, device)
     tokenizer = load_tokenizer(model_dir)
     ids, calibration_info = None, None
-    if method == "gptq":
-        if seqlen > context_length(model):
-            raise SemisparseError(f"--seqlen {seqlen} exceeds the model's context: use a smaller --seqlen")
-        ids, calibration_info = calibration_ids(tokenizer, calibration, nsamples, seqlen, seed)
+    if entry.needs_calibration:
+        ids, calibration_info = load_calibration(model, tokenizer, calibration or Calibration())
     before = _nonzero_masks(model)
     with measured(device) as cost:
-        quantized = quantize(
-            model,
-            bits,
-            group_size,
-            method,
-            ids,
-            include,
-            exclude,
-            symmetric,
-            device=device,
-            progress=progress,
-            act_order=act_order,
-        )
+        quantized = quantize(model, config, layer_filter(include, exclude), ids, device, progress)
     for name, mask in _nonzero_masks(model).items():
         if bool((mask & ~before[name]).any()):
             raise SemisparseError(f"internal error: quantization of {name} filled a pruned weight")
@@ -158,13 +150,11 @@ def quantize_to_dir(
             raise SemisparseError(
                 f"internal error: {broken[0]} no longer follows {pattern} after quantization"
             )
-    settings = {"bits": bits, "group_size": group_size, "method": method, "symmetric": symmetric}
-    if method == "gptq":
-        settings["act_order"] = act_order
+    settings = {"method": entry.name, **config.to_dict()}
     metadata = provenance(
         **{k: v for k, v in source.items() if k not in _OWN_KEYS},
         source_model=str(model_dir),
-        method=f"{source.get('method', 'dense')}+{method}-int{bits}",
+        method=f"{source.get('method', 'dense')}+{entry.name}-int{config.bits}",
         quantization={**settings, "layers": sorted(quantized), "calibration": calibration_info},
         compressed={"format": FORMAT, "version": FORMAT_VERSION} if compressed else None,
         sizes=_sizes(model, quantized),
@@ -176,30 +166,47 @@ def quantize_to_dir(
     return metadata
 
 
-def compress_to_dir(model_dir: str, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
-    """Write a 2:4 model directory (quantized or not) in the compressed bitmask layout."""
+def compress_to_dir(
+    model_dir: str, out: str | Path, overwrite: bool = False, format: str = "semisparse"
+) -> dict[str, Any]:
+    """Write a 2:4 model directory in a compressed bitmask layout.
+
+    `format` "semisparse" (default) is `semisparse.compressed` (quantized or not, Linear or Conv1D);
+    "compressed-tensors" is that library's sparse-24-bitmask (`semisparse.compressed_tensors`): unquantized
+    Linear layers only, loadable by compressed-tensors 0.14.0.1 with transformers 4.57.
+    """
+    if format not in COMPRESS_FORMATS:
+        raise SemisparseError(f"unknown `format` {format!r}: choose from {', '.join(COMPRESS_FORMATS)}")
     ensure_output_available(out, overwrite)
-    if is_compressed_dir(model_dir):
+    ct = format == "compressed-tensors"
+    if is_compressed_tensors_dir(model_dir) if ct else is_compressed_dir(model_dir):
         raise SemisparseError(f"{model_dir} is already compressed: pass its dense form, or use decompress")
     model, quantized = _load(model_dir, "cpu")
     source = _source_metadata(model_dir)
+    if ct and (quantized or source.get("quantization")):
+        raise SemisparseError(
+            f"{model_dir} is quantized: `format` compressed-tensors writes unquantized 2:4 models only "
+            "(the semisparse format stores packed int4/int8 codes)"
+        )
     matrices = [weight_matrix(m) for m in find_targets(model).values()]
-    if not any(w.shape[1] % 4 == 0 and nm.is_nm(w, 2, 4) for w in matrices):
-        raise SemisparseError(f"{model_dir} has no 2:4 layers to compress: prune it with --pattern 2:4 first")
-    metadata = {
-        **source,
-        "compressed": {"format": FORMAT, "version": FORMAT_VERSION, "file": COMPRESSED_FILE},
-        "sizes": _sizes(model, quantized),
-    }
+    if not any(nm.is_nm(w, 2, 4) for w in matrices):
+        raise SemisparseError(f"{model_dir} has no 2:4 layers to compress: prune it to 2:4 first")
+    written = (
+        {"format": f"compressed-tensors/{SPARSITY_FORMAT}", "version": LIBRARY_VERSION, "file": WEIGHTS_FILE}
+        if ct
+        else {"format": FORMAT, "version": FORMAT_VERSION, "file": COMPRESSED_FILE}
+    )
+    metadata = {**source, "compressed": written, "sizes": _sizes(model, quantized)}
+    tokenizer = load_tokenizer(model_dir)
     with atomic_directory(out, overwrite) as tmp:
-        _write(model, load_tokenizer(model_dir), tmp, metadata, quantized, True, dir_bytes(model_dir))
+        _write(model, tokenizer, tmp, metadata, quantized, True, dir_bytes(model_dir), ct)
     return metadata
 
 
 def decompress_to_dir(model_dir: str, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Write a compressed directory back as a plain transformers model (plus grids if quantized)."""
     ensure_output_available(out, overwrite)
-    if not is_compressed_dir(model_dir):
+    if not (is_compressed_dir(model_dir) or is_compressed_tensors_dir(model_dir)):
         raise SemisparseError(f"{model_dir} is not a compressed model directory: nothing to decompress")
     model, quantized = _load(model_dir, "cpu")
     metadata = {**_source_metadata(model_dir), "compressed": None}

@@ -14,9 +14,14 @@ float32 cast to the model dtype, so the same codes always give bit-identical wei
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from semisparse.modules import set_weight_matrix, weight_matrix
+from semisparse.quantization.config import QuantizerConfig
+from semisparse.registry import register
 
 SCALE_DTYPE = torch.float16
 _SMALLEST_SCALE = 2.0**-14  # float16's smallest normal: scales below it would lose precision or underflow
@@ -124,3 +129,36 @@ def rtn_quantize(
         bits=bits,
         group_size=group_size,
     )
+
+
+@dataclass
+class RTNConfig(QuantizerConfig):
+    """Round-to-nearest: no data, no settings beyond the grid."""
+
+    owner: ClassVar[str] = "rtn"
+
+
+class RTNQuantizer:
+    """Round-to-nearest as a layer quantizer (the engine's interface); the codes end up in `result`."""
+
+    def __init__(self, module: nn.Module, config: RTNConfig) -> None:
+        self.module = module
+        self.config = config
+        self.result: QuantizedWeight | None = None
+
+    def add_batch(self, inp: Tensor) -> None:
+        return None
+
+    @torch.no_grad()
+    def prune(self) -> None:
+        weight = weight_matrix(self.module)
+        config = self.config
+        self.result = rtn_quantize(
+            weight.detach(), weight != 0, config.bits, config.group_size, config.symmetric
+        )
+        set_weight_matrix(self.module, self.result.dequantize(weight.dtype))
+
+
+@register("quantizer", "rtn", RTNConfig, summary="round every kept weight to its group's grid; no data")
+def rtn_quantizer(name: str, module: nn.Module, config: RTNConfig) -> RTNQuantizer:
+    return RTNQuantizer(module, config)

@@ -19,8 +19,8 @@ from semisparse.sparse.slorb import SLoRB
 
 def as_multiplier(mask: Tensor) -> Tensor:
     """A bool mask as 0/1 uint8 values to multiply a float tensor by: the kernel promotes uint8 as it goes,
-    while a bool operand takes a slow per-element promotion path on CPU (3x slower) and converting the
-    mask to the float dtype first costs another pass (1.5x slower)."""
+    while a bool operand takes a slow per-element promotion path on CPU and converting the mask to the
+    float dtype first costs another pass over it."""
     return mask.view(torch.uint8)
 
 

@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from semisparse import nm
 from semisparse.errors import SemisparseError
-from semisparse.models import find_targets, weight_matrix
+from semisparse.modules import find_targets, layer_filter, set_submodule, weight_matrix
 from semisparse.nm import NMPattern
 from semisparse.pruning.magnitude import magnitude_mask
 from semisparse.sparse.linear import SparseLinear
@@ -28,11 +29,6 @@ _TWO_FOUR = NMPattern(2, 4)
 _SLORB_FORMAT = {"format": "semisparse-slorb", "version": "1"}
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def _checked_mask(name: str, mask: Tensor, shape: torch.Size, pattern: NMPattern) -> Tensor:
     """A mask must fit its layer and keep exactly N of every M, or training would silently change sparsity."""
     if tuple(mask.shape) != tuple(shape):
@@ -41,8 +37,7 @@ def _checked_mask(name: str, mask: Tensor, shape: torch.Size, pattern: NMPattern
             "use masks computed for this model"
         )
     mask = mask.to(torch.bool)
-    kept = mask.reshape(shape[0], -1, pattern.m).sum(-1)
-    if not bool((kept == pattern.n).all()):
+    if not nm.is_nm(mask, pattern.n, pattern.m, exact=True):
         raise SemisparseError(
             f"mask for {name} does not keep exactly {pattern}: recompute it with that pattern"
         )
@@ -65,12 +60,12 @@ def sparsify(
     default the layer's own weight), which lets a caller pass the dense weights when pruning (SparseGPT)
     has already zeroed them.
     """
-    targets = find_targets(model, include, exclude, m=pattern.m)
+    targets = find_targets(model, layer_filter(include, exclude), m=pattern.m)
     if masks is not None and set(masks) != set(targets):
         missing = sorted(set(targets) - set(masks)) or sorted(set(masks) - set(targets))
         raise SemisparseError(
             f"masks do not match the target layers (first mismatch: {missing[0]}): "
-            "use masks saved for this model and the same include/exclude"
+            "use masks saved for this model and the same `include`/`exclude`"
         )
     if slorb is not None:
         for name, module in targets.items():
@@ -99,7 +94,7 @@ def sparsify(
                     initial_scales(source.to(layer.weight.device), layer.mask, slorb.k, slorb.init)
                 )
             layer.slorb = branch
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
         layers[name] = layer
     return layers
 
@@ -121,7 +116,7 @@ def densify(model: nn.Module, keep_slorb: bool = False) -> dict[str, Tensor]:
             tensors[f"{name}.S"] = layer.slorb.S.detach().clone()
             if layer.slorb.X is not None:
                 tensors[f"{name}.X"] = layer.slorb.X.detach().clone()
-        _set_submodule(model, name, layer.to_dense_module())
+        set_submodule(model, name, layer.to_dense_module())
     return tensors
 
 
@@ -145,7 +140,13 @@ def attach_saved_slorb(model: nn.Module, model_dir: str | Path) -> bool:
     path = Path(model_dir).expanduser() / SLORB_FILE
     if not path.is_file():
         return False
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError for truncated/garbled files
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SemisparseError(
+            f"{path} is damaged ({detail}); re-export the model or delete the file to load it without SLoRB"
+        ) from err
     names = sorted({key.rsplit(".", 1)[0] for key in tensors})
     for name in names:
         if f"{name}.S" not in tensors:
