@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import random
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -73,21 +74,40 @@ def expected_location(path: str, config: str | None, split: str) -> str:
     return f"{root if root is not None else '$SEMISPARSE_DATA_DIR'}/{relative}"
 
 
+def _unreadable(path: Path, err: BaseException) -> SemisparseError:
+    """One line for a text file that cannot be decoded or decompressed (binary, not UTF-8, broken gzip)."""
+    if isinstance(err, UnicodeDecodeError):
+        return SemisparseError(
+            f"{path} is not UTF-8 text (byte {err.object[err.start : err.start + 1]!r} at offset {err.start}); "
+            "convert it to UTF-8 or pass a text file"
+        )
+    if isinstance(err, gzip.BadGzipFile | EOFError | zlib.error):
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else "truncated"
+        return SemisparseError(f"{path} is not a valid gzip file ({detail}); re-create or re-download it")
+    reason = getattr(err, "strerror", None) or type(err).__name__
+    return SemisparseError(f"cannot read {path} ({reason}); check the file")
+
+
 def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SemisparseError(
-                    f"{path} line {number} is not valid JSON ({err}); fix or replace the file"
-                ) from err
-            if not isinstance(row, dict):
-                raise SemisparseError(f"{path} line {number} is not a JSON object; each line must be one row")
-            yield row
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise SemisparseError(
+                        f"{path} line {number} is not valid JSON ({err}); fix or replace the file"
+                    ) from err
+                if not isinstance(row, dict):
+                    raise SemisparseError(
+                        f"{path} line {number} is not a JSON object; each line must be one row"
+                    )
+                yield row
+    except (UnicodeDecodeError, OSError, EOFError, zlib.error) as err:
+        raise _unreadable(path, err) from err
 
 
 def load_rows(path: str, config: str | None, split: str) -> list[dict[str, Any]]:
@@ -119,7 +139,11 @@ def _iter_texts(file: Path) -> Iterator[str]:
     """Texts of a .txt file (one text) or of the "text" field of each JSONL row, read lazily."""
     name = file.name.lower()
     if name.endswith(".txt"):
-        yield file.read_text(encoding="utf-8")
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as err:
+            raise _unreadable(file, err) from err
+        yield text
     elif name.endswith(_JSONL_SUFFIXES):
         for number, row in enumerate(_iter_jsonl(file), start=1):
             text = row.get("text")
@@ -141,6 +165,18 @@ def read_texts(file: str | Path) -> list[str]:
 def wikitext2_test_text() -> str:
     """The standard WikiText-2 perplexity text: the raw test rows joined by blank lines."""
     return "\n\n".join(row["text"] for row in load_rows(*WIKITEXT2))
+
+
+def evaluation_text(dataset: str) -> tuple[str, dict[str, Any]]:
+    """The text of a perplexity dataset (`wikitext2` or a local file) and where it came from."""
+    if dataset == "wikitext2":
+        return wikitext2_test_text(), {"dataset": "wikitext2", "split": "wikitext-2-raw-v1/test"}
+    path = Path(dataset).expanduser()
+    if not path.is_file():
+        raise SemisparseError(
+            f"perplexity dataset '{dataset}' is neither 'wikitext2' nor an existing text file"
+        )
+    return "\n\n".join(read_texts(path)), {"dataset": str(path), "sha256": file_sha256(path)}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -200,14 +236,14 @@ def calibration_ids(
     if n_samples < 1 or seqlen < 1:
         raise SemisparseError(
             f"calibration needs at least one window of at least one token (got {n_samples} x {seqlen}); "
-            "raise the sample count or --seqlen"
+            "raise the sample count or `seqlen`"
         )
     file, recorded = _calibration_file(source)
     stream, documents = _token_stream(tokenizer, _iter_texts(file), _STREAM_FACTOR * n_samples * (seqlen + 1))
     if len(stream) < seqlen + 1:
         raise SemisparseError(
             f"calibration set too small: {len(stream)} tokens for windows of {seqlen}; "
-            "use more data or a smaller --seqlen"
+            "use more data or a smaller `seqlen`"
         )
     rng = random.Random(seed)
     starts = torch.tensor([rng.randint(0, len(stream) - seqlen - 1) for _ in range(n_samples)])

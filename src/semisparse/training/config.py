@@ -10,18 +10,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, Self
 
 import yaml
 
 from semisparse.errors import SemisparseError
+from semisparse.settings import Settings, setting
+from semisparse.training.corpus import check_corpus_spec, check_eval_corpus
 
-AUTOCAST_MODES = ("auto", "bf16", "off")
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 _TOKENS = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:e(\d+))?\s*([kmbgt]?)\s*$", re.IGNORECASE)
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+_REQUIRED = ("model", "output")
 # Fields that may change between an interrupted run and its resumption without changing what is trained.
 _RUNTIME_FIELDS = frozenset(
     {
@@ -38,122 +43,106 @@ _RUNTIME_FIELDS = frozenset(
         "gradient_checkpointing",
     }
 )
+# Fields that only shape the learning rate and clipping from a step on: a resumed run may change them when
+# asked to explicitly (`allow_schedule_change`), e.g. to continue with a lower `lr` after a divergence.
+SCHEDULE_FIELDS = frozenset({"lr", "min_lr_ratio", "warmup_steps", "grad_clip"})
 
 
 def parse_tokens(value: int | float | str) -> int:
     """A token budget from `100M`, `1.5B`, `250k`, `1e6` or a plain number."""
-    if isinstance(value, bool):
-        raise SemisparseError(f"token budget {value!r} is not a number; use e.g. --tokens 100M")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise SemisparseError(f"token budget {value!r} is not a number; write `tokens` like 100M")
     if isinstance(value, int | float):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
     else:
-        match = _TOKENS.match(str(value).replace("_", ""))
+        match = _TOKENS.match(value.replace("_", ""))
         if not match:
             raise SemisparseError(
                 f"cannot read the token budget '{value}'; use a number with a k/M/B suffix, e.g. 100M"
             )
         mantissa, exponent, suffix = match.groups()
-        number = float(mantissa) * 10 ** int(exponent or 0) * _SUFFIXES[suffix.lower()]
+        # float() of the text saturates to inf instead of building a huge integer power of ten
+        number = float(f"{mantissa}e{exponent or 0}") * _SUFFIXES[suffix.lower()]
+    if not math.isfinite(number):
+        raise SemisparseError(f"token budget {value} is not a finite number; write `tokens` like 100M")
     if number < 1:
-        raise SemisparseError(f"token budget {value} is not positive; use e.g. --tokens 100M")
+        raise SemisparseError(f"token budget {value} is not positive; write `tokens` like 100M")
     return round(number)
 
 
-def _positive(name: str, value: Any, flag: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SemisparseError(f"{name} must be a positive integer (got {value!r}); fix {flag}")
-
-
-def _non_negative(name: str, value: Any, flag: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise SemisparseError(f"{name} must be >= 0 (got {value!r}); fix {flag}")
-
-
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     """A training run. `micro_batch` is per process; one optimizer step sees
     micro_batch · grad_accum · world_size sequences of `seq_len` tokens."""
 
-    model: str
-    output: str
-    corpus: str = "wikipedia"
-    tokens: int = 10_000_000
-    seq_len: int = 1024
-    micro_batch: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int | None = None  # None: 1% of the optimizer steps
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping
-    eval_every: int = 500  # optimizer steps; 0 evaluates only at the end
-    eval_windows: int = 16  # 0 disables evaluation
-    eval_seqlen: int | None = None  # None: seq_len
-    eval_corpus: str = "wikitext2"
-    checkpoint_every: int = 500  # 0: only on SIGINT/SIGTERM
-    keep_checkpoints: int = 1
-    seed: int = 0
-    device: str | None = None
-    autocast: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    gradient_checkpointing: bool = False
-    fsdp: bool = False
-    tensorboard: bool = False
-    max_bad_steps: int = 5
-    method_name: str = "dense"
-    method: dict[str, Any] = field(default_factory=dict)
+    owner: ClassVar[str] = "training"
+
+    model: str = setting(dataclasses.MISSING, "model name, directory or .gguf file to train")
+    output: str = setting(dataclasses.MISSING, "run directory: config, metrics, checkpoints, final model")
+    corpus: str = setting(
+        "wikipedia", "training text: wikipedia (data mirror), a .txt/.jsonl(.gz) file or org/name[:config]"
+    )
+    tokens: int = setting(10_000_000, "token budget: a number or 100M, 1.5B, 250k", minimum=1)
+    seq_len: int = setting(1024, "tokens per training sequence, at least 2", minimum=2)
+    micro_batch: int = setting(8, "sequences per forward pass and process", minimum=1)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", minimum=1)
+    lr: float = setting(2e-4, "peak learning rate of the method's main trained parameters", above=0)
+    min_lr_ratio: float = setting(0.1, "final lr as a fraction of the peak, in [0, 1]", minimum=0)
+    warmup_steps: int | None = setting(None, "linear warm-up steps (none: 1% of the steps)", minimum=0)
+    weight_decay: float = setting(0.1, "AdamW weight decay", minimum=0)
+    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW betas, each in [0, 1)")
+    eps: float = setting(1e-8, "AdamW epsilon", above=0)
+    grad_clip: float = setting(1.0, "gradient-norm clip, 0 = off", minimum=0)
+    eval_every: int = setting(500, "evaluate every K optimizer steps, 0 = only at the end", minimum=0)
+    eval_windows: int = setting(16, "perplexity windows per evaluation, 0 = no evaluation", minimum=0)
+    eval_seqlen: int | None = setting(None, "perplexity window length (none: seq_len)", minimum=1)
+    eval_corpus: str = setting("wikitext2", "evaluation text: wikitext2 or a local text file")
+    checkpoint_every: int = setting(500, "checkpoint every K steps, 0 = only on SIGINT/SIGTERM", minimum=0)
+    keep_checkpoints: int = setting(1, "how many recent checkpoints to keep", minimum=1)
+    seed: int = setting(0, "seed of data order, dropout and method randomness")
+    device: str | None = setting(None, "where to train: cpu, cuda or cuda:N (none: cuda if available)")
+    autocast: Literal["auto", "bf16", "off"] = setting(
+        "auto", "mixed precision: auto = bf16 on CUDA, fp32 on CPU"
+    )
+    gradient_checkpointing: bool = setting(False, "recompute activations to save memory")
+    fsdp: bool = setting(False, "shard weights with FSDP2 across torchrun's GPU processes")
+    tensorboard: bool = setting(False, "also log to OUT/tensorboard (needs the tensorboard package)")
+    max_bad_steps: int = setting(5, "stop after this many non-finite steps in a row", minimum=1)
+    method_name: str = setting("dense", "the registered trainer that runs (dense, ast, maskllm)")
+    method: dict[str, Any] = setting({}, "the trainer's own settings (its config as a mapping)")
 
     def __post_init__(self) -> None:
-        from semisparse.training.corpus import check_corpus_spec, check_eval_corpus
-
+        # The budget's own notation (100M, 1.5B) is read before the generic coercion to int.
         self.tokens = parse_tokens(self.tokens)
-        if not isinstance(self.model, str) or not self.model:
-            raise SemisparseError("no model given; pass a model name, directory or .gguf file")
-        if not isinstance(self.output, str) or not self.output:
-            raise SemisparseError("no output directory given; pass -o OUT")
-        _positive("seq_len", self.seq_len, "--seq-len")
-        if self.seq_len < 2:
-            raise SemisparseError(
-                "seq_len must be at least 2 tokens (an input and a target); raise --seq-len"
-            )
-        _positive("micro_batch", self.micro_batch, "--micro-batch")
-        _positive("grad_accum", self.grad_accum, "--grad-accum")
+        super().__post_init__()
+
+    def check(self) -> None:
+        if not self.model:
+            raise SemisparseError("no model given: set `model` to a model name, directory or .gguf file")
+        if not self.output:
+            raise SemisparseError("no output directory given: set `output`")
         if self.tokens < self.tokens_per_step():
             raise SemisparseError(
                 f"token budget {self.tokens} is smaller than one optimizer step ({self.tokens_per_step()} "
-                "tokens = micro_batch x grad_accum x seq_len); raise --tokens or shrink the batch"
+                "tokens = `micro_batch` x `grad_accum` x `seq_len`); raise `tokens` or shrink the batch"
             )
-        if not isinstance(self.lr, int | float) or not self.lr > 0:
-            raise SemisparseError(f"learning rate must be positive (got {self.lr}); fix --lr")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise SemisparseError(f"min_lr_ratio must lie in [0, 1] (got {self.min_lr_ratio}); fix it")
-        if self.warmup_steps is not None:
-            _non_negative("warmup_steps", self.warmup_steps, "--warmup-steps")
-            if self.warmup_steps >= self.total_steps():
-                raise SemisparseError(
-                    f"warm-up of {self.warmup_steps} steps is not shorter than the run "
-                    f"({self.total_steps()} steps); lower --warmup-steps or raise --tokens"
-                )
-        _non_negative("weight_decay", self.weight_decay, "--weight-decay")
-        self.betas = tuple(self.betas)
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise SemisparseError(f"betas must be two numbers in [0, 1) (got {self.betas}); fix betas")
-        if not self.eps > 0:
-            raise SemisparseError(f"eps must be positive (got {self.eps}); fix eps")
-        _non_negative("grad_clip", self.grad_clip, "--grad-clip (0 disables clipping)")
-        _non_negative("eval_every", self.eval_every, "--eval-every")
-        _non_negative("eval_windows", self.eval_windows, "--eval-windows")
-        if self.eval_seqlen is not None:
-            _positive("eval_seqlen", self.eval_seqlen, "--eval-seqlen")
-        _non_negative("checkpoint_every", self.checkpoint_every, "--checkpoint-every")
-        _positive("keep_checkpoints", self.keep_checkpoints, "--keep-checkpoints")
-        _positive("max_bad_steps", self.max_bad_steps, "max_bad_steps")
-        if self.autocast not in AUTOCAST_MODES:
-            choices = ", ".join(AUTOCAST_MODES)
-            raise SemisparseError(f"unknown autocast '{self.autocast}'; use one of {choices}")
-        if not isinstance(self.method, dict):
-            raise SemisparseError("the 'method' section of the config must be a mapping of settings")
+        if self.min_lr_ratio > 1:
+            raise SemisparseError(f"`min_lr_ratio`={self.min_lr_ratio} must lie in [0, 1]")
+        if self.warmup_steps is not None and self.warmup_steps >= self.total_steps():
+            raise SemisparseError(
+                f"warm-up of {self.warmup_steps} steps is not shorter than the run "
+                f"({self.total_steps()} steps); lower `warmup_steps` or raise `tokens`"
+            )
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise SemisparseError(f"`betas`={list(self.betas)} must be two numbers in [0, 1)")
+        if self.device is not None and not _DEVICE.match(self.device):
+            raise SemisparseError(f"training setting `device`={self.device!r} must be cpu, cuda or cuda:N")
+        if not isinstance(self.method, Mapping):
+            raise SemisparseError("the `method` section of the config must be a mapping of settings")
+        self.method = dict(self.method)
         check_corpus_spec(self.corpus)
         if self.eval_windows:
             check_eval_corpus(self.eval_corpus)
@@ -180,25 +169,25 @@ class TrainConfig:
         if self.total_steps(world_size) < 1:
             raise SemisparseError(
                 f"token budget {self.tokens} is smaller than one optimizer step over {world_size} processes "
-                f"({self.tokens_per_step(world_size)} tokens); raise --tokens or shrink the batch"
+                f"({self.tokens_per_step(world_size)} tokens); raise `tokens` or shrink the batch"
             )
         if self.warmup_steps is not None and self.warmup_steps >= self.total_steps(world_size):
             raise SemisparseError(
                 f"warm-up of {self.warmup_steps} steps is not shorter than the run over {world_size} "
-                f"processes ({self.total_steps(world_size)} steps); lower --warmup-steps"
+                f"processes ({self.total_steps(world_size)} steps); lower `warmup_steps`"
             )
 
     def check_model(self, context: int) -> None:
         """Sequence lengths against the model's context, known only once the model is loaded."""
         if self.seq_len > context:
             raise SemisparseError(
-                f"seq_len {self.seq_len} exceeds the model's context of {context}; "
-                f"use --seq-len {context} or less"
+                f"`seq_len` {self.seq_len} exceeds the model's context of {context}; "
+                f"set `seq_len` to {context} or less"
             )
         if self.eval_windows and self.effective_eval_seqlen() > context:
             raise SemisparseError(
-                f"eval_seqlen {self.effective_eval_seqlen()} exceeds the model's context of {context}; "
-                f"use --eval-seqlen {context} or less"
+                f"`eval_seqlen` {self.effective_eval_seqlen()} exceeds the model's context of {context}; "
+                f"set `eval_seqlen` to {context} or less"
             )
 
     # --- serialisation ------------------------------------------------------------------------------
@@ -211,21 +200,17 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SemisparseError(
-                f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        missing = [name for name in ("model", "output") if name not in data]
-        if missing:
-            raise SemisparseError(f"the config lacks {', '.join(missing)}; add it")
-        return cls(**data)
+    def from_mapping(cls, values: Mapping[str, Any]) -> Self:
+        """The config from a recipe or a saved `config.yaml`; `model` and `output` are required."""
+        if isinstance(values, Mapping):
+            missing = [f"`{name}`" for name in _REQUIRED if name not in values]
+            if missing:
+                raise SemisparseError(f"the training config lacks {' and '.join(missing)}: add it")
+        return super().from_mapping(values)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(read_yaml_mapping(path))
+        return cls.from_mapping(read_yaml_mapping(path))
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """What decides the trained result: everything except where/how often to log, eval and save."""

@@ -70,7 +70,7 @@ def check_corpus_spec(spec: str) -> None:
 def resolve_corpus(spec: str, check_mirror: bool = True) -> CorpusSource:
     """`wikipedia` (the mirror's sample), a local .txt/.jsonl/.jsonl.gz, or `org/name[:config[:split]]`."""
     if not isinstance(spec, str) or not spec:
-        raise SemisparseError("no corpus given; use --corpus wikipedia, a .txt/.jsonl file or a hub dataset")
+        raise SemisparseError("no corpus given; set `corpus` to wikipedia, a .txt/.jsonl file or a dataset")
     if spec in SHORTCUTS:
         folder, name = SHORTCUTS[spec]
         root = data_dir()
@@ -189,8 +189,7 @@ def load_token_stream(
         info = {"documents": documents, "tokens": int(stream.size)}
         _atomic_write(stream_file, lambda handle: np.save(handle, stream))
         _atomic_write(info_file, lambda handle: handle.write(json.dumps(info).encode()))
-    info = json.loads(info_file.read_text())
-    stream = np.load(stream_file, mmap_mode="r")
+    stream, info = _read_cache(stream_file, info_file)
     provenance = {
         "corpus": source.recorded,
         "sha256": sha,
@@ -200,6 +199,25 @@ def load_token_stream(
         "cache": str(stream_file),
     }
     return stream, provenance
+
+
+def _read_cache(stream_file: Path, info_file: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """The cached token stream, memory-mapped, and its info; a truncated or altered cache is an error."""
+    try:
+        info = json.loads(info_file.read_text())
+        stream = np.load(stream_file, mmap_mode="r")
+        expected = int(info["tokens"])
+        int(info["documents"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        detail = str(err).strip().splitlines()[0][:100] if str(err).strip() else type(err).__name__
+        problem = f"cannot be read ({detail})"
+    else:
+        if stream.ndim == 1 and stream.size == expected:
+            return stream, info
+        problem = f"holds {stream.size} tokens instead of {expected}"
+    raise SemisparseError(
+        f"the corpus cache {stream_file} {problem}; delete it and {info_file.name} to tokenise again"
+    )
 
 
 def _atomic_write(target: Path, write: Any) -> None:
@@ -225,7 +243,7 @@ class PackedSequences:
         if self.per_epoch < 1:
             raise SemisparseError(
                 f"the corpus has {len(stream)} tokens, fewer than one sequence of {seq_len}; "
-                "use a larger corpus or a smaller --seq-len"
+                "use a larger corpus or a smaller `seq_len`"
             )
         self._epoch = -1
         self._order = np.zeros(0, dtype=np.int64)

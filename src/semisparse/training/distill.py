@@ -1,4 +1,4 @@
-"""Distillation losses for sparse retraining: the dense model teaches its sparse copy (METHODS.md §2.4).
+"""Distillation for sparse retraining: the dense model teaches its sparse copy (`../shared/METHODS.md` §2.4).
 
 Everything is computed in float32 (logits from bf16 autocast would lose the small probabilities that
 carry the teacher's knowledge). The last position has no next token, so it is left out of both terms.
@@ -10,18 +10,26 @@ and writes its gradient during the forward, in closed form:
 
 Written with autograd ops, the same loss keeps five full-vocabulary fp32 copies alive and costs as much
 as a third of a teacher forward on CPU; here the rows being worked on stay in cache.
+
+`Teacher` (a frozen dense model, loaded from disk or copied from the student) and `Distiller` (the loss of
+a student against it) are the one distillation component AST, MaskLLM and dense fine-tuning share.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-# Rows per chunk: 8 rows of a 49k vocabulary are 1.5 MiB per fp32 temporary, which stays in cache; on
-# CPU 16 or 32 rows measured 1.4-2x slower per step, 4 rows no faster.
+from semisparse.errors import SemisparseError
+from semisparse.models import load_model, resolve_model_path
+
+# Rows per chunk: 8 rows of a 49k vocabulary are 1.5 MiB per fp32 temporary, which stays in cache; larger
+# chunks were slower on CPU and smaller ones no faster.
 CHUNK_ROWS = 8
 
 
@@ -146,3 +154,110 @@ def layerwise_loss(student_hidden: Sequence[Tensor], teacher_hidden: Sequence[Te
         teacher = teacher.detach().float()
         total = total + (student.float() - teacher).square().mean() / teacher.square().mean()
     return total
+
+
+def _vocab(model: nn.Module) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+class Teacher:
+    """A frozen dense model whose logits (and block outputs) a student is pulled towards.
+
+    It only runs forward, so on a GPU it is kept in bfloat16; elsewhere in float32. Build it with
+    `from_model`: from a model name or directory (loaded from disk) or from the student itself (a frozen
+    copy, taken before the student changes).
+    """
+
+    def __init__(self, model: nn.Module, source: str) -> None:
+        self.model = model.requires_grad_(False).eval()
+        self.source = source
+
+    @staticmethod
+    def check_source(name: str) -> None:
+        """Fail early, before any slow set-up, when a teacher name points nowhere."""
+        try:
+            resolve_model_path(name)
+        except SemisparseError as err:
+            raise SemisparseError(f"teacher: {err}") from err
+
+    @classmethod
+    def from_model(
+        cls,
+        name_or_student: str | nn.Module,
+        student: nn.Module | None = None,
+        device: str | torch.device | None = None,
+    ) -> Teacher:
+        """The teacher from a model name/directory, or a frozen copy of the module `name_or_student`.
+
+        `student` (when given) must predict the same vocabulary. `device` defaults to the student's.
+        """
+        reference = student if student is not None else name_or_student
+        if device is None and isinstance(reference, nn.Module):
+            device = next(reference.parameters()).device
+        on_gpu = device is not None and torch.device(device).type == "cuda"
+        if isinstance(name_or_student, nn.Module):
+            model = copy.deepcopy(name_or_student)
+            if on_gpu:
+                model = model.to(torch.bfloat16)
+            source = "the initial student"
+        else:
+            cls.check_source(name_or_student)
+            dtype = torch.bfloat16 if on_gpu else torch.float32
+            model = load_model(name_or_student, dtype=dtype, device=device)
+            source = name_or_student
+        if student is not None and _vocab(model) != _vocab(student):
+            raise SemisparseError(
+                f"teacher {source} has {_vocab(model)} output tokens, the student {_vocab(student)}: "
+                "use a teacher of the same family"
+            )
+        return cls(model, source)
+
+    def __call__(self, input_ids: Tensor, hidden_states: bool = False) -> Any:
+        """The teacher's outputs (logits, and block outputs with `hidden_states`), without gradients."""
+        with torch.no_grad():
+            return self.model(input_ids=input_ids, output_hidden_states=hidden_states, use_cache=False)
+
+
+@dataclass
+class Distiller:
+    """A student's loss against an optional `Teacher`:
+
+    `alpha_task` · CE + `alpha_kl` · T² · KL at `temperature` T (`distillation_loss`), plus `layerwise`
+    times the block-output term (`layerwise_loss`). Without a teacher, `alpha_kl` and `layerwise` must be
+    0 and the loss is `alpha_task` · CE.
+    """
+
+    teacher: Teacher | None = None
+    alpha_task: float = 1.0
+    alpha_kl: float = 0.0
+    temperature: float = 2.0
+    layerwise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.teacher is None and (self.alpha_kl or self.layerwise):
+            raise ValueError("alpha_kl or layerwise > 0 needs a teacher")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.alpha_kl > 0 or self.layerwise > 0
+
+    def loss(self, student: nn.Module, input_ids: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Run the student (and the teacher) on `input_ids` [batch, seq]; the loss and its parts."""
+        hidden = self.layerwise > 0
+        output = student(input_ids=input_ids, output_hidden_states=hidden, use_cache=False)
+        taught = self.teacher(input_ids, hidden) if self.teacher is not None else None
+        loss, metrics = distillation_loss(
+            output.logits,
+            taught.logits if taught is not None and self.alpha_kl > 0 else None,
+            input_ids,
+            self.alpha_task,
+            self.alpha_kl,
+            self.temperature,
+        )
+        if hidden:
+            assert taught is not None
+            extra = layerwise_loss(output.hidden_states[1:], taught.hidden_states[1:])
+            loss = loss + self.layerwise * extra
+            metrics["loss_layerwise"] = extra.item()
+            metrics["loss"] = loss.item()
+        return loss, metrics

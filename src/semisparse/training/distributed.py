@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from semisparse.errors import SemisparseError
-from semisparse.models import decoder_blocks
+from semisparse.modules import decoder_blocks
 
 _BUCKET_ELEMENTS = 1 << 24
 
@@ -54,7 +54,7 @@ def setup(device: str | None) -> tuple[Distributed, torch.device]:
     """Join the process group when launched by torchrun and pick this process's device."""
     wants_cuda = (device is None and torch.cuda.is_available()) or (device or "").startswith("cuda")
     if wants_cuda and not torch.cuda.is_available():
-        raise SemisparseError(f"device {device} requested but CUDA is not available; use --device cpu")
+        raise SemisparseError(f"device {device} requested but CUDA is not available; set `device` to cpu")
     if not launched_by_torchrun():
         return Distributed(), torch.device(device or ("cuda" if wants_cuda else "cpu"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -144,9 +144,9 @@ def gather_objects(obj: Any, info: Distributed) -> list[Any]:
 def shard_model(model: nn.Module, info: Distributed, device: torch.device) -> None:
     """FSDP2: shard each decoder block, then the root (embeddings, final norm, LM head)."""
     if not info.active:
-        raise SemisparseError("--fsdp shards across processes: launch with torchrun --nproc-per-node K")
+        raise SemisparseError("`fsdp` shards across processes: launch with torchrun --nproc-per-node K")
     if device.type != "cuda":
-        raise SemisparseError("--fsdp needs CUDA GPUs; on CPU drop --fsdp (gradients are all-reduced)")
+        raise SemisparseError("`fsdp` needs CUDA GPUs; on CPU turn `fsdp` off (gradients are all-reduced)")
     from torch.distributed.fsdp import fully_shard
 
     for block in decoder_blocks(model):

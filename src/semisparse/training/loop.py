@@ -5,7 +5,7 @@ Run directory layout (`config.output`):
     OUT/config.yaml           the validated TrainConfig (method settings under `method`)
     OUT/metrics.jsonl         one JSON row per optimizer step and per evaluation
     OUT/checkpoints/step-N/   the newest resumable checkpoints
-    OUT/tensorboard/          with --tensorboard
+    OUT/tensorboard/          with `tensorboard`
     OUT/model/                the final model (plain transformers layout) with semisparse.json
 
 Optimizer step `s` (0-based) consumes global sequences s·G .. s·G+G-1 (G = micro_batch · grad_accum ·
@@ -29,62 +29,37 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
+from semisparse.data import evaluation_text
 from semisparse.errors import SemisparseError
 from semisparse.evaluation.perplexity import perplexity, tokenize_text
 from semisparse.export import METADATA_FILE, atomic_directory, provenance
-from semisparse.models import context_length, load_tokenizer
+from semisparse.models import load_tokenizer
+from semisparse.modules import context_length
 from semisparse.training import checkpoint, distributed
 from semisparse.training.config import TrainConfig
 from semisparse.training.corpus import PackedSequences, load_token_stream, resolve_corpus
+from semisparse.training.method import TrainingMethod, default_optimizer
 from semisparse.training.metrics import MetricsLog, memory_bytes
-from semisparse.training.optim import adamw
 from semisparse.training.schedule import make_scheduler
+
+__all__ = ["MethodFactory", "TrainingInterrupted", "TrainingMethod", "default_optimizer", "launch", "run"]
 
 CONFIG_FILE = "config.yaml"
 MODEL_DIR = "model"
 
 
-@runtime_checkable
-class TrainingMethod(Protocol):
-    """What a method (dense, AST, MaskLLM) gives the loop; see CONTRACT.md."""
-
-    name: str
-    model: nn.Module
-
-    def parameter_groups(self) -> list[dict[str, Any]]: ...
-
-    def make_optimizer(self, groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer: ...
-
-    def loss(self, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
-
-    def before_step(self, step: int) -> dict[str, float]: ...
-
-    def after_step(self, step: int) -> dict[str, float]: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-    def export(self, out_tmp_dir: Path) -> dict[str, Any]: ...
-
-
+# (total_steps, device, initialise) -> the method; see `TrainingMethod.from_pretrained`.
 MethodFactory = Callable[[int, str, bool], TrainingMethod]
 
 
 class TrainingInterrupted(SemisparseError):
     """SIGINT/SIGTERM: the current step finished and a checkpoint was written."""
-
-
-def default_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the config's lr, betas, eps and weight decay (a group's own values take precedence)."""
-    return adamw(groups, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
 
 
 def launch(
@@ -146,12 +121,12 @@ def _check_output(config: TrainConfig, resume: str | Path | None, overwrite: boo
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise SemisparseError(
-                f"output directory {out} already exists: choose another -o, --resume to continue it "
-                "or --overwrite to start over"
+                f"output directory {out} already exists: choose another `output`, `resume` to continue it "
+                "or `overwrite` to start over"
             )
         if not (out / CONFIG_FILE).is_file() and not (out / METADATA_FILE).is_file():
             raise SemisparseError(
-                f"{out} is not a semisparse run directory; not overwriting it, choose another -o"
+                f"{out} is not a semisparse run directory; not overwriting it, choose another `output`"
             )
     return out
 
@@ -208,7 +183,23 @@ class _Trainer:
         self.tokens_per_step = config.tokens_per_step(info.world_size)
         self.rebuild = rebuild
         if config.fsdp and rebuild is None:
-            raise SemisparseError("--fsdp needs the method factory: start the run with launch() or the CLI")
+            raise SemisparseError("`fsdp` needs the method factory: start the run with launch() or train()")
+        self.tokenizer = method.tokenizer if method.tokenizer is not None else load_tokenizer(config.model)
+        # What `train` sets up, in this order: the data, the optimizer and its schedule, the metrics log.
+        self.corpus_info: dict[str, Any] = {}
+        self.sequences: PackedSequences | None = None
+        self.eval_source: dict[str, Any] | None = None
+        self.eval_ids: torch.Tensor | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.params: list[torch.Tensor] = []
+        self.metrics: MetricsLog | None = None
+        # The run's progress, restored from a checkpoint when resuming.
+        self.started = time.perf_counter()
+        self.wall_before = 0.0
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        self.last_checkpoint: Path | None = None
 
     # --- set-up -------------------------------------------------------------------------------------
     def _prepare_output(self, resume: str | Path | None, overwrite: bool) -> Path | None:
@@ -235,8 +226,6 @@ class _Trainer:
         config = self.config
         if not config.eval_windows:
             return None
-        from semisparse.workflows import evaluation_text
-
         text, self.eval_source = evaluation_text(config.eval_corpus)
         return tokenize_text(self.tokenizer, text)[: config.eval_windows * config.effective_eval_seqlen()]
 
@@ -280,7 +269,7 @@ class _Trainer:
         if distributed.any_rank(not finite, self.info, self.device):
             raise SemisparseError(
                 f"the weights are not finite at step {step}; not checkpointing over the last good one "
-                f"({self.last_checkpoint}); lower --lr and resume from it"
+                f"({self.last_checkpoint}); lower `lr` and resume from it"
             )
         model_state, optim_state = distributed.full_state(self.model, self.optimizer, self.config.fsdp)
         rng = distributed.gather_objects(checkpoint.rng_state(), self.info)
@@ -324,7 +313,7 @@ class _Trainer:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise SemisparseError(
                 f"checkpoint {path} does not fit this model/method ({first[:120]}); "
-                "start over with --overwrite"
+                "start over with `overwrite`"
             ) from err
         rngs = state["rng"]
         checkpoint.set_rng_state(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
@@ -343,10 +332,6 @@ class _Trainer:
         config.check_model(context_length(self.model))
         resume_path = self._prepare_output(resume, overwrite)
         self.started = time.perf_counter()
-        self.wall_before = 0.0
-        self.bad_steps = self.skipped_steps = 0
-        self.last_checkpoint: Path | None = None
-        self.tokenizer = getattr(self.method, "tokenizer", None) or load_tokenizer(config.model)
         self._load_corpus()
         self.eval_ids = self._load_eval_ids()
 
@@ -401,7 +386,7 @@ class _Trainer:
                 if self.bad_steps >= config.max_bad_steps:
                     raise SemisparseError(
                         f"loss or gradients not finite for {self.bad_steps} steps in a row (step {done}); "
-                        f"last good checkpoint: {self.last_checkpoint}; lower --lr or check the corpus"
+                        f"last good checkpoint: {self.last_checkpoint}; lower `lr` or check the corpus"
                     )
                 if config.eval_every and done % config.eval_every == 0 and done < self.total:
                     self._evaluate(done)
@@ -415,7 +400,7 @@ class _Trainer:
                     kept = saved or self.last_checkpoint
                     raise TrainingInterrupted(
                         f"interrupted after step {done} of {self.total}; checkpoint {kept}; "
-                        "continue with the same command plus --resume"
+                        "continue with the same settings plus `resume`"
                     )
         return self._evaluate(self.total)
 

@@ -1,6 +1,7 @@
-"""Learning-rate schedule: linear warm-up, then cosine decay to a fraction of the peak (METHODS.md §2.6).
+"""Learning-rate schedule: linear warm-up, then cosine decay to a fraction of the peak.
 
-The factor is a picklable callable object so `LambdaLR.state_dict()` stores it with the checkpoint.
+As in `../shared/METHODS.md` §2.6. The factor is a picklable callable object so `LambdaLR.state_dict()`
+stores it with the checkpoint.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""AdamW with AST's annealed SR-STE decay of the currently pruned weights (METHODS.md §2.3).
+"""AdamW with AST's annealed SR-STE decay of the pruned weights (`../shared/METHODS.md` §2.3).
 
 For a parameter with a mask, the decay `d = λ_t · (~mask) ⊙ W` bypasses the first moment but enters the
 second, so it is normalised like the gradient instead of being a tiny additive pull:
