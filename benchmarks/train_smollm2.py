@@ -170,7 +170,7 @@ def main() -> None:
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
     wall = run_all(commands, args.parallel, threads, args.work_dir / "logs")
 
-    from semisparse.workflows import evaluate_perplexity
+    from semisparse.jobs.evaluate import evaluate_perplexity
 
     models = [args.model, str(args.init_dir), *(str(args.work_dir / name / "model") for name in names)]
     rows = evaluate_perplexity(models, max_windows=args.max_windows, device=args.device, progress=False)

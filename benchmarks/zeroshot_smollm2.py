@@ -1,6 +1,6 @@
 """Zero-shot accuracy and WikiText-2 perplexity of dense SmolLM2-135M versus its SparseGPT 2:4 version.
 
-Runs `semisparse.evaluation.jobs.evaluate_models` (what `semisparse eval` runs) on every task of the local
+Runs `semisparse.jobs.evaluate.evaluate_models` (what `semisparse eval` runs) on every task of the local
 data mirror and records the numbers, the command, the device and the protocol under benchmarks/results/.
 The sparse model is the output of `make demo`; it is created with the same command when missing.
 
@@ -21,8 +21,8 @@ import torch
 from common import RESULTS, device_name, semisparse, write_results
 
 from semisparse.evaluation.comparison import build_report, format_table, write_report
-from semisparse.evaluation.jobs import evaluate_models
 from semisparse.evaluation.zeroshot import mirrored_tasks
+from semisparse.jobs.evaluate import evaluate_models
 
 PRUNE = ["--method", "sparsegpt", "--pattern", "2:4", "--nsamples", "32", "--seqlen", "1024"]
 

@@ -196,14 +196,13 @@ def test_interrupted_recipe_resumes_at_the_next_stage(tmp_path, dense_dir, small
     full = recipe.run(str(dense_dir), out=tmp_path / "full", progress=False)
 
     out = tmp_path / "out"
-    import semisparse.quantization.jobs as quantization_jobs
-    import semisparse.workflows as workflows
+    import semisparse.jobs.stages as stages
 
     def boom(*args: Any, **kwargs: Any) -> None:
         raise SemisparseError("out of memory (simulated)")
 
     with monkeypatch.context() as patch:
-        patch.setattr(quantization_jobs, "quantize_to_dir", boom)
+        patch.setattr(stages, "quantize_to_dir", boom)
         with pytest.raises(SemisparseError, match="simulated"):
             recipe.run(str(dense_dir), out=out, progress=False)
     chain = chain_of(out)
@@ -219,8 +218,8 @@ def test_interrupted_recipe_resumes_at_the_next_stage(tmp_path, dense_dir, small
     assert code == 2 and stderr.count("\n") == 1 and "--resume" in stderr and "--overwrite" in stderr
 
     calls = []
-    original = workflows.prune_to_dir
-    monkeypatch.setattr(workflows, "prune_to_dir", lambda *a, **k: calls.append(a) or original(*a, **k))
+    original = stages.prune_to_dir
+    monkeypatch.setattr(stages, "prune_to_dir", lambda *a, **k: calls.append(a) or original(*a, **k))
     result = recipe.run(str(dense_dir), out=out, resume=True, progress=False)
     assert calls == [] and pruned.stat().st_mtime_ns == stamp  # stage 1 was not rerun
     assert result.skipped == ["01-prune"] and result.ran == ["02-quantize", "03-compress", "04-eval"]

@@ -22,9 +22,9 @@ from semisparse.cli import main
 from semisparse.data import data_dir
 from semisparse.errors import SemisparseError
 from semisparse.evaluation import zeroshot
-from semisparse.evaluation.jobs import evaluate_models
 from semisparse.evaluation.zeroshot import TASKS, evaluate_zeroshot, load_tasks, mirrored_tasks, parse_tasks
 from semisparse.export import provenance, save_model_dir
+from semisparse.jobs.evaluate import evaluate_models
 
 LIMIT = 3
 MIRROR = data_dir()

@@ -9,8 +9,8 @@ import click
 
 from semisparse.cli.common import device_option, dtype_option, quiet_option, user_errors
 from semisparse.evaluation.comparison import format_table
-from semisparse.evaluation.jobs import evaluate_models
 from semisparse.evaluation.zeroshot import DEFAULT_SEED, TASKS
+from semisparse.jobs.evaluate import evaluate_models
 
 
 @click.command("eval")

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from semisparse.cli.common import dtype_option, user_errors
-from semisparse.maskllm.jobs import apply_mask_to_dir, export_mask_file
+from semisparse.jobs.masks import apply_mask_to_dir, export_mask_file
 
 
 @click.command("apply-mask")

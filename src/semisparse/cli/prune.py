@@ -8,9 +8,10 @@ from typing import Any
 
 import click
 
-from semisparse import registry, workflows
+from semisparse import registry
 from semisparse.cli.common import SETTINGS_KEY, device_option, dtype_option, quiet_option, user_errors
 from semisparse.jobs.base import run_stage
+from semisparse.jobs.prune import inspect_model
 from semisparse.models import DEFAULT_MODEL
 from semisparse.settings import describe, parse_assignments
 
@@ -86,7 +87,7 @@ def prune_command(
 @user_errors
 def info_command(model: str, pattern: str | None, as_json: bool) -> None:
     """Report the sparsity of MODEL's target layers and verify its N:M pattern."""
-    report = workflows.inspect_model(model, pattern)
+    report = inspect_model(model, pattern)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

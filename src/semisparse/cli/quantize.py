@@ -9,7 +9,7 @@ import click
 from semisparse import registry
 from semisparse.cli.common import SETTINGS_KEY, device_option, quiet_option, user_errors
 from semisparse.jobs.base import run_stage
-from semisparse.quantization.jobs import decompress_to_dir
+from semisparse.jobs.quantize import decompress_to_dir
 from semisparse.settings import describe, parse_assignments
 
 

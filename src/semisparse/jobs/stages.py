@@ -15,9 +15,13 @@ from typing import Any, ClassVar, Literal
 from semisparse import registry
 from semisparse.calibration import Calibration
 from semisparse.errors import SemisparseError
+from semisparse.evaluation.comparison import format_table
 from semisparse.evaluation.zeroshot import DEFAULT_SEED, parse_tasks
 from semisparse.export import atomic_directory, provenance
 from semisparse.jobs.base import Stage, StageConfig, TechniqueStageConfig, check_calibration_source
+from semisparse.jobs.evaluate import evaluate_models
+from semisparse.jobs.prune import prune_to_dir
+from semisparse.jobs.quantize import compress_to_dir, quantize_to_dir
 from semisparse.registry import register
 from semisparse.settings import setting
 
@@ -65,7 +69,7 @@ class PruneStageConfig(CalibratedStageConfig):
 
 @register("stage", "prune", PruneStageConfig, summary="One-shot pruning to N:M (or unstructured) sparsity.")
 class PruneStage(Stage):
-    """`workflows.prune_to_dir`: prune the input model and save it with its provenance."""
+    """`jobs.prune.prune_to_dir`: prune the input model and save it with its provenance."""
 
     @classmethod
     def run(
@@ -79,8 +83,6 @@ class PruneStage(Stage):
         resume: bool = False,
         progress: bool = True,
     ) -> dict[str, Any]:
-        from semisparse.workflows import prune_to_dir
-
         return prune_to_dir(
             input_model,
             out,
@@ -118,7 +120,7 @@ class QuantizeStageConfig(CalibratedStageConfig):
 
 @register("stage", "quantize", QuantizeStageConfig, summary="int8/int4 quantization that keeps the zeros.")
 class QuantizeStage(Stage):
-    """`quantization.jobs.quantize_to_dir`: quantize the input model's kept weights and save it."""
+    """`jobs.quantize.quantize_to_dir`: quantize the input model's kept weights and save it."""
 
     @classmethod
     def run(
@@ -132,8 +134,6 @@ class QuantizeStage(Stage):
         resume: bool = False,
         progress: bool = True,
     ) -> dict[str, Any]:
-        from semisparse.quantization.jobs import quantize_to_dir
-
         return quantize_to_dir(
             input_model,
             out,
@@ -167,7 +167,7 @@ class CompressStageConfig(StageConfig):
 
 @register("stage", "compress", CompressStageConfig, summary="Store 2:4 layers as kept values plus a bitmask.")
 class CompressStage(Stage):
-    """`quantization.jobs.compress_to_dir`: lossless 2:4 storage of the input model."""
+    """`jobs.quantize.compress_to_dir`: lossless 2:4 storage of the input model."""
 
     @classmethod
     def run(
@@ -181,8 +181,6 @@ class CompressStage(Stage):
         resume: bool = False,
         progress: bool = True,
     ) -> dict[str, Any]:
-        from semisparse.quantization.jobs import compress_to_dir
-
         return compress_to_dir(input_model, out, overwrite, format=config.format)
 
     @classmethod
@@ -222,7 +220,7 @@ class EvalStageConfig(StageConfig):
 
 @register("stage", "eval", EvalStageConfig, summary="Perplexity and zero-shot accuracy (no model written).")
 class EvalStage(Stage):
-    """`evaluation.jobs.evaluate_models`; writes results.json (the report) and results.md in `out`."""
+    """`jobs.evaluate.evaluate_models`; writes results.json (the report) and results.md in `out`."""
 
     produces_model = False
 
@@ -238,9 +236,6 @@ class EvalStage(Stage):
         resume: bool = False,
         progress: bool = True,
     ) -> dict[str, Any]:
-        from semisparse.evaluation.comparison import format_table
-        from semisparse.evaluation.jobs import evaluate_models
-
         models = [base_model, input_model] if config.baseline and base_model != input_model else [input_model]
         report = evaluate_models(
             models,

@@ -30,9 +30,13 @@ from semisparse import registry
 from semisparse.errors import SemisparseError
 from semisparse.export import METADATA_FILE, read_metadata
 from semisparse.jobs.base import Stage, StageConfig, given_values, normalised_mapping
+from semisparse.jobs.masks import export_mask_file
 from semisparse.registry import register
 from semisparse.settings import setting
+from semisparse.training import train
+from semisparse.training.checkpoint import list_checkpoints
 from semisparse.training.config import TrainConfig
+from semisparse.training.recipe import train_configs
 
 # TrainConfig fields the recipe decides, not the stage.
 _FROM_RECIPE = ("model", "output", "method_name", "method")
@@ -57,8 +61,6 @@ class TrainStageConfig(StageConfig):
     settings: dict[str, Any] = setting({}, "the trainer's own settings (flattened in a recipe)")
 
     def check(self) -> None:
-        from semisparse.training.recipe import train_configs
-
         for name, value in (("training", self.training), ("settings", self.settings)):
             if not isinstance(value, Mapping):
                 raise SemisparseError(f"the train stage's `{name}` must be a mapping of name: value")
@@ -125,8 +127,6 @@ def chained_inputs(
     if config.method == "ast" and pruned and "init" not in config.settings:
         return base_model, {"init": input_model}
     if config.method == "maskllm" and pruned and "prior_mask" not in config.settings:
-        from semisparse.maskllm.jobs import export_mask_file
-
         masks = out.with_name(f"{out.name}-prior-masks.npz")
         export_mask_file(input_model, masks, overwrite=True)
         return base_model, {"prior_mask": str(masks)}
@@ -149,9 +149,6 @@ class TrainStage(Stage):
         resume: bool = False,
         progress: bool = True,
     ) -> dict[str, Any]:
-        from semisparse.training import train
-        from semisparse.training.checkpoint import list_checkpoints
-
         finished = out / MODEL_DIR / METADATA_FILE
         if resume and finished.is_file():  # finished, but the recipe had not recorded it yet
             return {**(read_metadata(out / MODEL_DIR) or {}), "chained": {"resumed": "finished run"}}

@@ -1,4 +1,4 @@
-"""`semisparse eval` as one job: perplexity and zero-shot accuracy of several models, and their report.
+"""The eval job (`semisparse eval`): perplexity and zero-shot accuracy of several models, and their report.
 
 Each model is loaded once and scored on the same text and the same harness tasks (built once, so every
 model sees identical rows); the report names the data, seed and example counts that make runs comparable.
@@ -11,14 +11,16 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from semisparse.data import WIKITEXT2, data_dir, evaluation_text, file_sha256, mirror_file
 from semisparse.errors import SemisparseError
 from semisparse.evaluation.comparison import build_report, training_curve, write_report
+from semisparse.evaluation.perplexity import perplexity, tokenize_text
 from semisparse.evaluation.zeroshot import DEFAULT_SEED, evaluate_zeroshot, load_tasks, parse_tasks
 from semisparse.export import ensure_output_available, read_metadata
 from semisparse.models import load_model, load_tokenizer
 from semisparse.runtime import default_device, measured, parse_dtype
-from semisparse.workflows import perplexity_row
 
 
 def _perplexity_text(dataset: str) -> tuple[str, dict[str, Any]]:
@@ -106,3 +108,67 @@ def _version(package: str) -> str:
         return importlib_metadata.version(package)
     except importlib_metadata.PackageNotFoundError:
         return "unknown"
+
+
+def perplexity_row(
+    name: str,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    text: str,
+    source: dict[str, Any],
+    seqlen: int | None = None,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity of one loaded model on `text`, as one row of `evaluate_perplexity`."""
+    ids = tokenize_text(tokenizer, text)
+    with measured(device) as cost:
+        result = perplexity(model, ids, seqlen, max_windows, batch_size, progress)
+    meta = read_metadata(name) if Path(name).expanduser().is_dir() else None
+    return {
+        "model": name,
+        "method": (meta or {}).get("method", "dense"),
+        "pattern": (meta or {}).get("pattern"),
+        "perplexity": result.perplexity,
+        "windows": result.n_windows,
+        "total_windows": result.total_windows,
+        "seqlen": result.seqlen,
+        "eval_seconds": round(cost.seconds, 2),
+        **source,
+    }
+
+
+def evaluate_perplexity(
+    model_names: Sequence[str],
+    dataset: str = "wikitext2",
+    seqlen: int | None = None,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    device: str | None = None,
+    dtype: str = "float32",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Perplexity of each model on the same token stream; one row per model, in order."""
+    device = device or default_device()
+    text, source = evaluation_text(dataset)
+    rows = []
+    for name in model_names:
+        model = load_model(name, dtype=parse_dtype(dtype), device=device)
+        rows.append(
+            perplexity_row(
+                name,
+                model,
+                load_tokenizer(name),
+                text,
+                source,
+                seqlen,
+                max_windows,
+                batch_size,
+                device,
+                progress,
+            )
+        )
+        del model
+    return rows

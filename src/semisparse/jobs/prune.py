@@ -1,6 +1,6 @@
-"""End-to-end jobs behind the CLI commands: load, prune, evaluate, save.
+"""The prune and info jobs: load a model, prune it one-shot, save it with its provenance; report sparsity.
 
-Each function takes plain values (model names, paths, numbers), so the CLI stays a thin translation of
+Each function takes plain values (model names, paths, configs), so the CLI stays a thin translation of
 flags, and the same jobs can be scripted from Python.
 """
 
@@ -10,13 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from semisparse import compressed_tensors, nm, registry
 from semisparse.calibration import Calibration
-from semisparse.data import evaluation_text
 from semisparse.errors import SemisparseError
-from semisparse.evaluation.perplexity import perplexity, tokenize_text
 from semisparse.export import ensure_output_available, provenance, read_metadata, save_model_dir
 from semisparse.models import load_model, load_tokenizer
 from semisparse.modules import layer_filter
@@ -89,67 +85,3 @@ def inspect_model(model_name: str, pattern: str | None = None) -> SparsityReport
         saved, left_out = compressed_tensors.saved_pattern(model_name, model)  # written by the library
         pattern, exclude = pattern or saved, left_out
     return sparsity_report(model, nm.parse_pattern(pattern) if pattern else None, include, exclude)
-
-
-def perplexity_row(
-    name: str,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    text: str,
-    source: dict[str, Any],
-    seqlen: int | None = None,
-    max_windows: int | None = None,
-    batch_size: int = 1,
-    device: str = "cpu",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Perplexity of one loaded model on `text`, as one row of `evaluate_perplexity`."""
-    ids = tokenize_text(tokenizer, text)
-    with measured(device) as cost:
-        result = perplexity(model, ids, seqlen, max_windows, batch_size, progress)
-    meta = read_metadata(name) if Path(name).expanduser().is_dir() else None
-    return {
-        "model": name,
-        "method": (meta or {}).get("method", "dense"),
-        "pattern": (meta or {}).get("pattern"),
-        "perplexity": result.perplexity,
-        "windows": result.n_windows,
-        "total_windows": result.total_windows,
-        "seqlen": result.seqlen,
-        "eval_seconds": round(cost.seconds, 2),
-        **source,
-    }
-
-
-def evaluate_perplexity(
-    model_names: Sequence[str],
-    dataset: str = "wikitext2",
-    seqlen: int | None = None,
-    max_windows: int | None = None,
-    batch_size: int = 1,
-    device: str | None = None,
-    dtype: str = "float32",
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Perplexity of each model on the same token stream; one row per model, in order."""
-    device = device or default_device()
-    text, source = evaluation_text(dataset)
-    rows = []
-    for name in model_names:
-        model = load_model(name, dtype=parse_dtype(dtype), device=device)
-        rows.append(
-            perplexity_row(
-                name,
-                model,
-                load_tokenizer(name),
-                text,
-                source,
-                seqlen,
-                max_windows,
-                batch_size,
-                device,
-                progress,
-            )
-        )
-        del model
-    return rows
