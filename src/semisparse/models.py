@@ -62,7 +62,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SEMISPARSE_CACHE_DIR") or "~/.cache/semisparse").expanduser()
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     """Whether a string names a local file/dir (so a missing one is an error, not a hub id)."""
     if name in (".", "..") or name.startswith(("/", "./", "../", "~")) or name.lower().endswith(".gguf"):
         return True
@@ -189,7 +189,7 @@ def resolve_model_path(name_or_path: str) -> str:
         raise SemisparseError(
             f"{name_or_path} is a file, not a model; pass a model directory, a .gguf file or a hub id"
         )
-    if _looks_like_path(name_or_path):
+    if looks_like_path(name_or_path):
         raise SemisparseError(
             f"model path {name_or_path} does not exist; check the path, or use '{DEFAULT_MODEL}' or a hub id"
         )

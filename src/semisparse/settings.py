@@ -91,7 +91,8 @@ def _to_int(value: Any) -> int:
     return int(number)
 
 
-def _coerce(value: Any, hint: Any) -> Any:
+def coerce(value: Any, hint: Any) -> Any:
+    """`value` as the type `hint` declares (see the module docstring); raises `_Invalid` if it is not."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         empty = value is None or (isinstance(value, str) and value.strip().lower() in _NONE)
@@ -101,7 +102,7 @@ def _coerce(value: Any, hint: Any) -> Any:
         errors = []
         for arg in inner:
             try:
-                return _coerce(value, arg)
+                return coerce(value, arg)
             except _Invalid as err:
                 errors.append(err.expected)
         raise _Invalid(" or ".join(errors + (["None"] if type(None) in args else [])))
@@ -126,12 +127,12 @@ def _coerce(value: Any, hint: Any) -> Any:
         )
         if not isinstance(items, list | tuple):
             raise _Invalid(f"a list of {_type_name(args[0])}")
-        return [_coerce(item, args[0]) for item in items]
+        return [coerce(item, args[0]) for item in items]
     if origin is tuple:
         items = [part.strip() for part in value.split(",")] if isinstance(value, str) else value
         if not isinstance(items, list | tuple) or len(items) != len(args):
             raise _Invalid(f"{len(args)} values, e.g. [{', '.join('…' for _ in args)}]")
-        return tuple(_coerce(item, arg) for item, arg in zip(items, args, strict=True))
+        return tuple(coerce(item, arg) for item, arg in zip(items, args, strict=True))
     return value
 
 
@@ -146,7 +147,7 @@ class Settings:
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
             try:
-                value = _coerce(value, hints[item.name])
+                value = coerce(value, hints[item.name])
             except _Invalid as err:
                 raise SemisparseError(
                     f"{self.owner} setting `{item.name}`={value!r} must be {err.expected}"

@@ -51,6 +51,8 @@ def settings_command(name: str | None, kind: str | None) -> None:
     rows = describe(entry.config)
     if not rows:
         click.echo("  (no settings)")
+    if any(row.name == "method" for row in rows) and entry.kind == "stage":
+        click.echo("  plus the chosen method's own settings, flattened in: `semisparse settings METHOD`")
     width = max((len(row.name) for row in rows), default=0)
     kinds = max((len(row.type) for row in rows), default=0)
     for row in rows:

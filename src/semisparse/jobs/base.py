@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Self
 from semisparse import registry
 from semisparse.data import CALIBRATION_SOURCES
 from semisparse.errors import SemisparseError
-from semisparse.settings import Settings, _coerce, setting
+from semisparse.settings import Settings, coerce, setting
 
 
 def field_names(cls: type) -> list[str]:
@@ -41,7 +41,7 @@ def given_values(config_class: type, values: Mapping[str, Any]) -> dict[str, Any
     unlike the config's `to_dict`, it neither fills in defaults nor applies the cross-field `check()`.
     """
     hints = typing.get_type_hints(config_class)
-    return {key: _coerce(value, hints[key]) for key, value in values.items()}
+    return {key: coerce(value, hints[key]) for key, value in values.items()}
 
 
 def normalised_mapping(values: Mapping[str, Any] | None, owner: str) -> dict[str, Any]:

@@ -49,7 +49,7 @@ from semisparse.jobs.chain import (
     remove_tree,
     write_atomic,
 )
-from semisparse.models import DEFAULT_MODEL, _looks_like_path
+from semisparse.models import DEFAULT_MODEL, looks_like_path
 
 _TOP_KEYS = ("model", "stages")
 
@@ -261,7 +261,7 @@ def _run_stage(
 
 def _check_model(model: str) -> None:
     """A path-like model that does not exist fails before anything is written (hub ids and aliases pass)."""
-    if not Path(model).expanduser().exists() and _looks_like_path(model):
+    if not Path(model).expanduser().exists() and looks_like_path(model):
         raise SemisparseError(f"model path {model} does not exist; check the path or `model`")
 
 
