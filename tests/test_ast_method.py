@@ -241,9 +241,11 @@ def test_the_training_loop_runs_ast_and_resumes_bit_identically(tmp_path, monkey
 
     straight = config(tmp_path / "straight")
     whole = run(straight, method(straight), progress=False)
-    first = config(tmp_path / "resumed", checkpoint_every=2)
+    first = config(tmp_path / "resumed", checkpoint_every=2, keep_checkpoints=2)
     run(first, method(first), progress=False)
-    checkpoint = next((tmp_path / "resumed" / "checkpoints").iterdir())
+    # step 2 (periodic) and step 4 (the last step's, written before the export)
+    checkpoint, final = sorted((tmp_path / "resumed" / "checkpoints").iterdir())
+    assert final.name == "step-00000004"
     again = config(tmp_path / "again")
     resumed = run(again, method(again, initialise=False), resume=checkpoint, progress=False)
 

@@ -111,3 +111,26 @@ def test_hub_dataset_rows_are_tokenised_like_files(jsonl, tiny_tokenizer, monkey
     assert requested == [("org/name", "cfg", "train")]
     assert np.array_equal(from_hub, from_file)
     assert info["corpus"] == "hf:org/name:cfg:train" and len(info["sha256"]) == 64
+
+
+def test_damaged_cache_is_a_one_line_error(jsonl, tiny_tokenizer, isolated_cache):  # noqa: F811
+    load_token_stream(resolve_corpus(str(jsonl)), tiny_tokenizer, progress=False)
+    cached = next((isolated_cache / "corpora").glob("*.npy"))
+    data = cached.read_bytes()
+    for cut in (len(data) - 3, 20):
+        cached.write_bytes(data[:cut])
+        with pytest.raises(SemisparseError, match=r"the corpus cache .*\.npy .*delete it") as info:
+            load_token_stream(resolve_corpus(str(jsonl)), tiny_tokenizer, progress=False)
+        assert "\n" not in str(info.value)
+
+
+def test_unreadable_corpus_files_are_one_line_errors(tmp_path, tiny_tokenizer):
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "plain.jsonl.gz").write_text(json.dumps({"text": "not compressed"}) + "\n")
+    for name, message in (
+        ("binary.txt", "is not UTF-8 text"),
+        ("plain.jsonl.gz", "is not a valid gzip file"),
+    ):
+        with pytest.raises(SemisparseError, match=message) as info:
+            load_token_stream(resolve_corpus(str(tmp_path / name)), tiny_tokenizer, progress=False)
+        assert "\n" not in str(info.value)

@@ -53,7 +53,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, isolated_cache):  # noqa
     paired = load_file(tmp_path / "pair" / "model" / "model.safetensors")
     for name, tensor in expected.items():
         torch.testing.assert_close(paired[name], tensor, rtol=1e-4, atol=1e-6)
-    (step, path), *_ = list_checkpoints(tmp_path / "pair")
-    assert step == 2 and read_meta(path)["fields"]["world_size"] == 2
+    (step, path), *_ = list_checkpoints(tmp_path / "pair")  # the last step's, written before the export
+    assert step == 3 and read_meta(path)["fields"]["world_size"] == 2
     state = torch.load(path / "state.pt", weights_only=True)
-    assert len(state["rng"]) == 2 and state["data_position"] == 2 * 4
+    assert len(state["rng"]) == 2 and state["data_position"] == 3 * 4

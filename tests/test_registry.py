@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -57,6 +58,13 @@ def keep_first(name: str, module: nn.Module, config: KeepFirstConfig) -> KeepFir
     return KeepFirst(module, config)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def toy_pruner_only_here() -> Iterator[None]:
+    """The toy pruner stays registered while this file's tests run, and is gone for every other file."""
+    yield
+    registry.unregister("pruner", "keep-first")
+
+
 def kept_first(model: nn.Module) -> bool:
     for module in find_targets(model).values():
         groups = weight_matrix(module).reshape(weight_matrix(module).shape[0], -1, 4)
@@ -108,3 +116,8 @@ def test_lookups_name_what_exists() -> None:
 def test_a_name_is_registered_once() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register("pruner", "keep-first", KeepFirstConfig)(lambda *args: None)
+
+
+def test_unregistering_an_unknown_name_is_an_error() -> None:
+    with pytest.raises(SemisparseError, match="no pruner named 'owl'"):
+        registry.unregister("pruner", "owl")

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from semisparse.data import file_sha256
 from semisparse.methods.dense import DenseConfig, DenseMethod
+from semisparse.training.checkpoint import list_checkpoints, model_identity
 from semisparse.training.config import TrainConfig
 from semisparse.training.loop import TrainingMethod, run
 from semisparse.training.schedule import WarmupCosine
@@ -74,10 +75,16 @@ def test_export_loads_in_plain_transformers_with_provenance(finished, tmp_path):
     assert (model_dir / "tokenizer.json").is_file()
     meta = json.loads((model_dir / "semisparse.json").read_text())
     assert meta["method"] == "dense" and meta["base_model"] == config.model
+    pinned = model_identity(config.model)
+    assert meta["base_model_path"] == str(Path(config.model).resolve()) == pinned["path"]
+    assert meta["base_model_sha256"] == pinned["sha256"] and len(pinned["sha256"]) == 64
     record = meta["training"]
     assert record["steps"] == 16 and record["tokens_seen"] == 16 * 64
     assert record["corpus"]["sha256"] == file_sha256(config.corpus)
     assert record["final_eval"]["eval_ppl"] > 1
+    assert record["base_model"]["sha256"] == pinned["sha256"] and record["schedule_changes"] == []
+    # The last step is checkpointed before the export, so a failed export loses no training.
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [16]
     assert TrainConfig.from_mapping(record["config"]) == config
     assert TrainConfig.from_yaml(tmp_path / "run" / "config.yaml") == config
 

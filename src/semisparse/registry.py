@@ -89,6 +89,12 @@ def register(
     return bind
 
 
+def unregister(kind: str, name: str) -> None:
+    """Remove a registered technique (a plugin being unloaded, a test cleaning up after itself)."""
+    if _ENTRIES.pop((kind, name), None) is None:
+        raise SemisparseError(f"no {kind} named '{name}' is registered")
+
+
 def _load_builtins(kind: str) -> None:
     if kind in _LOADED:
         return

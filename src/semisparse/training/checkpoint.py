@@ -189,10 +189,9 @@ def check_compatible(
     changes = {k: [recorded.get(k), expected.get(k)] for k in differing}
     if changes and not allow_schedule_change:
         detail = ", ".join(f"{k}: {_short(old)} vs {_short(new)}" for k, (old, new) in changes.items())
-        names = ", ".join(f"`{name.removeprefix('config.')}`" for name in sorted(schedule))
         raise SemisparseError(
-            f"checkpoint {path} was trained with another schedule ({detail}); pass "
-            f"`allow_schedule_change` to continue with the new {names}, or resume with the same settings"
+            f"checkpoint {path} was trained with another schedule ({detail}); resume with the same "
+            "settings, or add `allow_schedule_change` to continue with the new one"
         )
     return changes
 

@@ -100,6 +100,7 @@ def train(
     settings: Mapping[str, Any] | None = None,
     resume: str | Path | None = None,
     overwrite: bool = False,
+    allow_schedule_change: bool = False,
     progress: bool = True,
     **overrides: Any,
 ) -> Path:
@@ -107,11 +108,21 @@ def train(
 
     `overrides` are `TrainConfig` fields (`model`, `output`, `tokens`, `lr`, ...), `settings` the trainer's
     own (see `train_configs` for how they combine with `recipe`). `resume`: `"latest"`, a run directory or
-    a checkpoint; `overwrite` deletes an existing run in `output` first. Under torchrun every process calls
-    this. Raises `TrainingInterrupted` after checkpointing on SIGINT/SIGTERM.
+    a checkpoint; `allow_schedule_change` lets the resumed run use another `lr`, `min_lr_ratio`,
+    `warmup_steps` or `grad_clip` (logged as a `schedule_change` event). `overwrite` replaces an existing
+    run in `output`: the new run is built beside it and swapped in at its first checkpoint, so the old run
+    survives a new one that fails early. Under torchrun every process calls this. Raises
+    `TrainingInterrupted` after checkpointing on SIGINT/SIGTERM.
     """
     if resume is not None and overwrite:
         raise SemisparseError("`resume` and `overwrite` contradict each other; pass only one")
     config, method_config = train_configs(method, recipe, overrides, settings)
     make_method = method_factory(config, method_config, progress)
-    return loop.launch(config, make_method, resume=resume, overwrite=overwrite, progress=progress)
+    return loop.launch(
+        config,
+        make_method,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+        allow_schedule_change=allow_schedule_change,
+    )
