@@ -111,12 +111,15 @@ def test_corrupt_checkpoint_is_a_clear_error(interrupted):
 def test_checkpoint_of_another_run_is_refused(interrupted):
     config, checkpoint = interrupted
     changed = tiny_config(config.model, config.output, config.corpus, steps=4, eval_windows=0, weight_decay=0)
-    with pytest.raises(SemisparseError, match=r"different run \(config.weight_decay: 0.1 vs 0.0\)"):
+    with pytest.raises(
+        SemisparseError, match=r"different run \(checkpoint -> now: weight_decay: 0.1 -> 0.0\)"
+    ):
         run(changed, build(DenseMethod, changed, initialise=False), resume=checkpoint, progress=False)
     # A schedule-only change is refused too unless asked for explicitly (see the test below).
     changed = tiny_config(config.model, config.output, config.corpus, steps=4, eval_windows=0, lr=5e-4)
     with pytest.raises(
-        SemisparseError, match=r"another schedule \(config.lr: 0.001 vs 0.0005\).*`allow_schedule_change`"
+        SemisparseError,
+        match=r"another schedule \(checkpoint -> now: lr: 0.001 -> 0.0005\).*`allow_schedule_change`",
     ):
         run(changed, build(DenseMethod, changed, initialise=False), resume=checkpoint, progress=False)
     # Even the same schedule may be resumed with the flag: nothing changed, nothing is logged.
@@ -128,6 +131,54 @@ def test_checkpoint_of_another_run_is_refused(interrupted):
         progress=False,
     )
     assert not [row for row in untimed_rows(Path(config.output)) if row["kind"] == "event"]
+
+
+def test_refused_resume_names_every_differing_setting_in_full(setup):
+    """Each differing key is named, method settings one by one, with whole values (issue 13 §4.6)."""
+    tmp_path, model, corpus = setup
+    teacher = "/models/" + "a-rather-long-teacher-directory-name/" * 3
+    settings = {"mask_update_every": 10, "mask_score": "magnitude", "teacher": teacher, "decay_lambda": 2e-4}
+    config = tiny_config(model, tmp_path / "run", corpus, steps=4, eval_windows=0, method=settings)
+    with pytest.raises(TrainingInterrupted):
+        run(config, build(InterruptedDense, config, stop_after=2), progress=False)
+    changed_settings = {**settings, "mask_update_every": 0, "teacher": teacher + "v2", "slorb": True}
+    del changed_settings["decay_lambda"]
+    changed = tiny_config(
+        model, tmp_path / "run", corpus, steps=4, eval_windows=0, weight_decay=0, method=changed_settings
+    )
+    with pytest.raises(SemisparseError) as info:
+        run(changed, build(DenseMethod, changed, initialise=False), resume="latest", progress=False)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "different run (checkpoint -> now: " in message
+    assert "method.mask_update_every: 10 -> 0" in message
+    assert "method.decay_lambda: 0.0002 -> (unset)" in message
+    assert "method.slorb: (unset) -> true" in message
+    assert "weight_decay: 0.1 -> 0.0" in message
+    assert f'method.teacher: "{teacher}" -> "{teacher}v2"' in message  # 123 characters: not cut
+    assert "mask_score" not in message  # unchanged settings are not listed
+
+
+def test_long_differing_values_are_cut_around_the_difference():
+    layers = list(range(300))
+    changed = [*layers[:150], -1, *layers[151:]]
+    before = {"config.method": {"layers": layers}, "world_size": 1}
+    after = {"config.method": {"layers": changed}, "world_size": 2}
+    detail = checkpoint_module.describe_differences(before, after, ["config.method", "world_size"])
+    shown, world = detail.split(", world_size: ")
+    assert world == "1 -> 2"
+    old, new = shown.removeprefix("method.layers: ").split(" -> ")
+    assert (
+        old.startswith("...")
+        and "149, 150, 151" in old
+        and old.endswith(f"... ({len(json.dumps(layers))} chars)")
+    )
+    assert (
+        new.startswith("...")
+        and "149, -1, 151" in new
+        and new.endswith(f"... ({len(json.dumps(changed))} chars)")
+    )
+    assert len(old) < 250 and len(new) < 250
 
 
 def test_schedule_change_on_resume_is_explicit_and_recorded(interrupted):

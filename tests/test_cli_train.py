@@ -79,6 +79,10 @@ def test_recipe_and_set_fill_config_flags_win(inputs, tmp_path):
         (("--set", "novalue"), "is not key=value"),
         (("--resume",), "has no checkpoint to resume from"),
         (("--resume", "--overwrite"), "--resume and --overwrite contradict"),
+        (("--tokens", "1e400"), "token budget 1e400 is not a finite number"),
+        (("--grad-clip", "nan"), "--grad-clip='nan' must be a finite number"),
+        (("--lr", "inf"), "--lr='inf' must be a finite number"),
+        (("--warmup-steps", "2.5"), "--warmup-steps='2.5' must be a whole number"),
     ],
 )
 def test_bad_flags_are_one_line_errors(inputs, tmp_path, extra, message):
@@ -126,3 +130,105 @@ def test_method_setting_errors_name_the_set_option(inputs, tmp_path):
         "--set", "calibration_seqlen=4096",
     )  # fmt: skip
     assert code == 2 and "--set calibration_seqlen=... 4096 exceeds the model's context of 256" in stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ("grad_clip: .nan", "--grad-clip=nan must be a finite number"),
+        ("lr: .inf", "--lr=inf must be a finite number"),
+        ("warmup_steps: 2.5", "--warmup-steps=2.5 must be a whole number"),
+    ],
+)
+def test_recipe_values_yaml_reads_as_non_finite_are_rejected(inputs, tmp_path, values, message):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(values + "\n")
+    model, corpus, _ = inputs
+    code, _, stderr = invoke(
+        "train", "dense", model, "-o", tmp_path / "run", "--corpus", corpus, "--tokens", "256",
+        "--seq-len", 32, "--micro-batch", 2, "--eval-windows", 0, "--quiet", "--recipe", recipe,
+    )  # fmt: skip
+    assert code == 2 and message in stderr and stderr.count("\n") == 1
+
+
+def test_output_that_is_or_contains_the_input_model_is_refused(inputs, tmp_path):
+    """A run's exported model trained again with `-o` on itself (or its run) must not be deleted."""
+    _, _, evaluation = inputs
+    assert small_run(*inputs, tmp_path / "run")[0] == 0
+    model = tmp_path / "run" / "model"
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    garbage = tmp_path / "garbage.txt"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    for out in (model, tmp_path / "run"):
+        code, _, stderr = small_run(model, garbage, evaluation, out, "--overwrite")
+        assert code == 2 and stderr.count("\n") == 1, stderr
+        assert "is or contains the input model" in stderr and "choose another --output" in stderr
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+def test_overwrite_with_a_bad_corpus_keeps_the_old_run(inputs, tmp_path):
+    model, _, evaluation = inputs
+    out = tmp_path / "run"
+    assert small_run(*inputs, out)[0] == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    garbage = tmp_path / "garbage.txt"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    code, _, stderr = small_run(model, garbage, evaluation, out, "--overwrite")
+    assert code == 2 and "is not UTF-8 text" in stderr and stderr.count("\n") == 1
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    code, _, stderr = small_run(*inputs, out, "--overwrite", "--seed", 1)
+    assert code == 0, stderr
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_resume_with_another_lr_needs_the_flag(inputs, tmp_path):
+    out = tmp_path / "run"
+    code, _, _ = small_run(*inputs, out, "--tokens", "512", "--checkpoint-every", 2)
+    assert code == 0
+    (out / "model" / "semisparse.json").unlink()
+    for path in (out / "model").iterdir():
+        path.unlink()
+    (out / "model").rmdir()  # as if the export had failed: the final checkpoint is there
+    code, _, stderr = small_run(*inputs, out, "--tokens", "512", "--resume", "--lr", "5e-4")
+    assert code == 2 and "another schedule" in stderr and "add --allow-schedule-change" in stderr
+    code, _, stderr = small_run(
+        *inputs, out, "--tokens", "512", "--resume", "--lr", "5e-4", "--allow-schedule-change"
+    )
+    assert code == 0, stderr
+    assert "new schedule: lr 0.001 -> 0.0005" in stderr
+
+
+def test_double_sigterm_names_the_checkpoint(inputs, tmp_path, monkeypatch):
+    import signal
+
+    from semisparse.methods.dense import DenseMethod
+
+    def after_step(self, step):
+        if step == 2:  # during step 3, after the checkpoint of step 2
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+        return {}
+
+    monkeypatch.setattr(DenseMethod, "after_step", after_step)
+    code, _, stderr = small_run(*inputs, tmp_path / "run", "--checkpoint-every", 2)
+    assert code == 130 and "nothing was written" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped: aborted after step 2 of 4; the last checkpoint is ")
+    assert "step-00000002" in last and last.endswith("--resume")
+
+
+def test_resume_with_another_set_value_names_the_setting(inputs, tmp_path):
+    """Issue 13 §4.6: the refusal names the differing method setting with both values, in one line."""
+    out = tmp_path / "run"
+    code, _, _ = small_run(*inputs, out, "--tokens", "512", "--checkpoint-every", 2)
+    assert code == 0
+    for path in (out / "model").iterdir():
+        path.unlink()
+    (out / "model").rmdir()  # as if the export had failed: the final checkpoint is there
+    code, _, stderr = small_run(
+        *inputs, out, "--tokens", "512", "--resume", "--set", "decay_norms_and_biases=yes"
+    )
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert "different run (checkpoint -> now: method.decay_norms_and_biases: false -> true)" in stderr

@@ -140,11 +140,14 @@ def test_masks_breaking_the_pattern_are_rejected_and_nothing_is_applied(tmp_path
     with pytest.raises(SemisparseError, match=f"mask for '{last}' .* keeps up to 4 of every 4 .*not 2:4"):
         apply_masks(model, loaded, TWO_FOUR, source="mask file dense.npz")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    # "N:M" means at most N kept per group: a 2:4 mask also passes as 3:4, never as 1:4.
+    # A mask of "N:M" keeps exactly N per group: a 2:4 mask passes as 3:4 only when at most N is asked
+    # for, and never as 1:4.
     _, good = pruned_and_masks("llama")
-    apply_masks(make_tiny_model("llama"), good, NMPattern(3, 4))
+    with pytest.raises(SemisparseError, match=r"keeps only 2 of 4 .* not exactly 3: pass `at_most`"):
+        apply_masks(make_tiny_model("llama"), good, NMPattern(3, 4))
+    apply_masks(make_tiny_model("llama"), good, NMPattern(3, 4), at_most=True)
     with pytest.raises(SemisparseError, match="not 1:4"):
-        apply_masks(make_tiny_model("llama"), good, NMPattern(1, 4))
+        apply_masks(make_tiny_model("llama"), good, NMPattern(1, 4), at_most=True)
 
 
 @pytest.mark.parametrize(

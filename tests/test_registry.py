@@ -51,16 +51,21 @@ class KeepFirst:
         )
 
 
-@register(
-    "pruner", "keep-first", KeepFirstConfig, summary="keep the first N of every M", updates_kept_weights=True
-)
 def keep_first(name: str, module: nn.Module, config: KeepFirstConfig) -> KeepFirst:
     return KeepFirst(module, config)
 
 
 @pytest.fixture(autouse=True, scope="module")
 def toy_pruner_only_here() -> Iterator[None]:
-    """The toy pruner stays registered while this file's tests run, and is gone for every other file."""
+    """Register the toy pruner while this file's tests run: pytest imports every test file before it runs
+    any, so registering at import would show it to the other files' tests too."""
+    register(
+        "pruner",
+        "keep-first",
+        KeepFirstConfig,
+        summary="keep the first N of every M",
+        updates_kept_weights=True,
+    )(keep_first)
     yield
     registry.unregister("pruner", "keep-first")
 

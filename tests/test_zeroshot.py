@@ -62,9 +62,33 @@ def _pinned_hashes() -> dict[str, str]:
 def test_parse_tasks() -> None:
     assert parse_tasks("all") == list(TASKS)
     assert parse_tasks(" rte, boolq ,rte") == ["rte", "boolq"]
+    assert parse_tasks("piqa,all") == ["piqa", *(task for task in TASKS if task != "piqa")]
     assert parse_tasks(None) == []
-    with pytest.raises(SemisparseError, match="unknown task 'mmlu'"):
-        parse_tasks("boolq,mmlu")
+
+
+def test_parse_tasks_takes_any_harness_task() -> None:
+    # Outside the nine: a task of the fast index's folders, then tasks only the full registry knows.
+    assert parse_tasks("rte,lambada_standard") == ["rte", "lambada_standard"]
+    assert parse_tasks(["sciq", "copa", "social_iqa"]) == ["sciq", "copa", "social_iqa"]
+    # A tag is a plain list of tasks in the harness too (the arc folder's tag, and one spanning folders).
+    assert parse_tasks("ai2_arc") == ["arc_challenge", "arc_easy"]
+    assert {"boolq", "copa", "wic"} <= set(parse_tasks("super-glue-lm-eval-v1"))
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        # siqa/ of the harness defines `social_iqa`: found by its folder, next to the close spellings
+        ("boolq,siqa", "unknown task 'siqa' in `tasks` (closest: social_iqa, sciq"),
+        ("hellaswgg", "unknown task 'hellaswgg' in `tasks` (closest: hellaswag"),
+        ("nonesuch_xyz", "unknown task 'nonesuch_xyz' in `tasks` (no harness task has a close name)"),
+        ("mmlu", "'mmlu' in `tasks` is an lm-evaluation-harness group of 57 tasks (mmlu_abstract_algebra"),
+    ],
+)
+def test_unknown_task_or_group_is_one_line(spec: str, expected: str) -> None:
+    with pytest.raises(SemisparseError) as caught:
+        parse_tasks(spec)
+    assert str(caught.value).startswith(expected) and "\n" not in str(caught.value)
 
 
 @pytest.mark.parametrize(("limit", "batch_size", "flag"), [(0, 1, "`limit`=0"), (None, 0, "`batch_size`=0")])
@@ -193,3 +217,128 @@ def test_same_scores_from_object_and_saved_directory(tmp_path: Path, mirrored) -
 
     other = evaluate_zeroshot(make_tiny_model("llama", seed=1), tokenizer, tasks, limit=LIMIT)
     assert other[1].metrics["perplexity"] != from_object[1].metrics["perplexity"]
+
+
+# --- Tasks outside the fast index, BoolQ without a mirror file, --quiet with mirror files ---
+
+COPA_ROWS = [
+    {
+        "premise": "The man broke his toe.",
+        "choice1": "He dropped a hammer on his foot.",
+        "choice2": "He got a hole in his sock.",
+        "question": "cause",
+        "idx": 0,
+        "label": 0,
+    },
+    {
+        "premise": "I tipped the bottle.",
+        "choice1": "The liquid in the bottle froze.",
+        "choice2": "The liquid in the bottle poured out.",
+        "question": "effect",
+        "idx": 1,
+        "label": 1,
+    },
+    {
+        "premise": "The sun rose.",
+        "choice1": "The night began.",
+        "choice2": "The day began.",
+        "question": "effect",
+        "idx": 2,
+        "label": 1,
+    },
+]
+BOOLQ_ROWS = [
+    {"question": "is the sky blue", "passage": "The sky is blue.", "idx": 0, "label": 1},
+    {"question": "is fire cold", "passage": "Fire is hot.", "idx": 1, "label": 0},
+]
+
+
+@pytest.fixture
+def mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline) -> Path:
+    """An empty data mirror of our own, offline, and a fresh `datasets` cache (so mirror files are read anew
+    and their "Generating ... split" bars show up every run)."""
+    root = tmp_path / "mirror"
+    root.mkdir()
+    monkeypatch.setenv("SEMISPARSE_DATA_DIR", str(root))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
+    return root
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    model_dir = tmp_path / "model"
+    save_model_dir(make_tiny_model("llama"), make_tiny_tokenizer(), model_dir, provenance(method="dense"))
+    return model_dir
+
+
+def _place(root: Path, relative: str, rows: list[dict]) -> None:
+    path = root / relative
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_a_task_outside_the_fast_index_reads_the_mirror_quietly(
+    mirror: Path, tiny_model_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # copa is not in the fast index: the full registry gives its dataset (aps/super_glue, copa, validation)
+    assert "copa" not in zeroshot._task_manager().task_index
+    _place(mirror, "aps/super_glue/copa/validation.jsonl", COPA_ROWS)
+    assert datasets.is_progress_bar_enabled()
+    capfd.readouterr()
+    args = ["eval", str(tiny_model_dir), "--ppl", "none", "--tasks", "copa", "--limit", "2", "--quiet"]
+    result = CliRunner().invoke(main, [*args, "--report-dir", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    # Neither the harness's bars nor datasets' "Generating validation split" bar, on any stream.
+    captured = capfd.readouterr()
+    for text in (result.stderr, captured.err, captured.out):
+        assert "Generating" not in text and "it/s" not in text
+    assert datasets.is_progress_bar_enabled(), "datasets' bars must be switched back on afterwards"
+    assert "copa" in result.stdout
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    data = report["data"]["tasks"]["copa"]
+    assert data["source"] == "mirror" and data["file"] == "aps/super_glue/copa/validation.jsonl"
+    assert (data["dataset"], data["split"], data["n_total"], data["n_examples"]) == (
+        "aps/super_glue/copa",
+        "validation",
+        3,
+        2,
+    )
+    score = report["models"][0]["zeroshot"]["copa"]
+    assert score["n_examples"] == 2 and round(score["metrics"]["acc"] * 2) in (0, 1, 2)
+
+
+def test_a_task_outside_the_fast_index_without_data_names_its_file(mirror: Path) -> None:
+    # sciq scores its test split; the harness reads allenai/sciq, which is neither mirrored nor reachable.
+    with pytest.raises(SemisparseError) as caught:
+        load_tasks(["sciq"])
+    message = str(caught.value)
+    assert message.startswith("data of task 'sciq' is neither in the data mirror nor on the Hub")
+    assert message.endswith(f"put its test rows at {mirror / 'allenai/sciq/test.jsonl'}")
+    assert "\n" not in message
+
+
+def test_boolq_reads_the_hub_or_a_file_placed_in_the_mirror(
+    mirror: Path, tiny_model_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    args = ["eval", str(tiny_model_dir), "--ppl", "none", "--tasks", "boolq", "--limit", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    [line] = result.stderr.strip().splitlines()
+    expected = mirror / "aps/super_glue/boolq/validation.jsonl"
+    assert line.startswith("error: data of task 'boolq' is neither in the data mirror nor on the Hub")
+    assert line.endswith(f"put its validation rows at {expected}")
+
+    _place(mirror, "aps/super_glue/boolq/validation.jsonl", BOOLQ_ROWS)
+    capfd.readouterr()
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "boolq" in result.stdout
+    # Without --quiet the bars are there (so the --quiet test above is not passing vacuously).
+    assert "Generating validation split" in result.stderr + capfd.readouterr().err
+
+
+def test_a_group_is_refused_in_one_line_naming_the_flag(tiny_model_dir: Path) -> None:
+    result = CliRunner().invoke(main, ["eval", str(tiny_model_dir), "--ppl", "none", "--tasks", "mmlu"])
+    assert result.exit_code == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: 'mmlu' in --tasks is an lm-evaluation-harness group of 57 tasks")

@@ -7,6 +7,10 @@ decoder layers of that shape (the per-token cost of a layer does not depend on h
 
 Without a GPU there is no 2:4 kernel: the reduced mode times small shapes by wall clock with the 2:4 side
 running dense weights with zeros, which checks that the harness works and is not a speed claim.
+
+Every timing keeps the spread of its repeats, `(max - min) / median`. When either side of a comparison
+spreads more than `UNSTABLE_SPREAD`, something else was competing for the machine (on a 2-core CPU shared
+with one busy process a 0.3 ms matmul can take 80 ms), so the tables say "unstable" instead of a ratio.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from semisparse.errors import SemisparseError
 from semisparse.models import load_model
 from semisparse.modules import find_targets, weight_matrix
 from semisparse.pruning import MagnitudeConfig, prune
-from semisparse.runtime import default_device
+from semisparse.runtime import default_device, machine_state
 
 
 def group_shapes(named: Sequence[tuple[str, tuple[int, int]]]) -> dict[str, tuple[int, int]]:
@@ -80,14 +84,49 @@ DEFAULT_TOKENS = (1, 16, 128, 2048, 8192)
 REDUCED_TOKENS = (1, 16, 128)
 
 
+# A comparison whose repeats spread more than this on either side prints "unstable" instead of a ratio.
+UNSTABLE_SPREAD = 0.5
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The median of a few repeated timings, and their spread `(max - min) / median`."""
+
+    seconds: float
+    spread: float
+
+    @classmethod
+    def of(cls, times: Sequence[float]) -> Timing:
+        if not times:
+            raise ValueError("no timings")
+        median = statistics.median(times)
+        spread = (max(times) - min(times)) / median if median > 0 else float("inf")
+        return cls(median, spread)
+
+
+def unstable_spread(*spreads: float) -> float | None:
+    """The largest spread if any side of a comparison spread more than `UNSTABLE_SPREAD`, else None."""
+    worst = max(spreads)
+    return worst if worst > UNSTABLE_SPREAD else None
+
+
+def ratio_cell(ratio: float | None, spreads: Sequence[float]) -> str:
+    """`**1.23×**`, or `unstable (spread 240%)` when the timings behind the ratio did not repeat."""
+    worst = unstable_spread(*spreads) if spreads else None
+    if worst is not None:
+        return f"unstable (spread {worst:.0%})"
+    return "n/a" if ratio is None else f"**{ratio:.2f}×**"
+
+
 def _median_seconds(
     fn: Callable[[Any], Any],
     warmup: int,
     repeats: int,
     cuda: bool,
     setup: Callable[[], Any] = lambda: None,
-) -> float:
-    """Median time of `fn(setup())` after warm-up, `setup` untimed; CUDA events on a GPU, else wall clock."""
+) -> Timing:
+    """Median (and spread) of `fn(setup())` after warm-up, `setup` untimed; CUDA events on a GPU, else wall
+    clock."""
     for _ in range(warmup):
         fn(setup())
     times = []
@@ -105,7 +144,7 @@ def _median_seconds(
             begin = time.perf_counter()
             fn(state)
             times.append(time.perf_counter() - begin)
-    return statistics.median(times)
+    return Timing.of(times)
 
 
 def random_24(out: int, inp: int, dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:
@@ -138,18 +177,25 @@ def layer_times(
                 reason = str(err).splitlines()[0]
         for count in tokens:
             x = torch.randn(count, inp, device=device, dtype=dtype)
-            dense_s = _median_seconds(lambda _, x=x, w=weight: F.linear(x, w), warmup, repeats, cuda)
+            dense = _median_seconds(lambda _, x=x, w=weight: F.linear(x, w), warmup, repeats, cuda)
+            dense_s = dense.seconds
             row: dict[str, Any] = {
                 "layer": name,
                 "out": out,
                 "in": inp,
                 "tokens": count,
                 "dense_ms": dense_s * 1e3,
+                "dense_spread": dense.spread,
             }
             if reason is None:
-                sparse_s = _median_seconds(lambda _, x=x, w=sparse: F.linear(x, w), warmup, repeats, cuda)
+                timed = _median_seconds(lambda _, x=x, w=sparse: F.linear(x, w), warmup, repeats, cuda)
+                sparse_s = timed.seconds
                 error = (F.linear(x, sparse).float() - F.linear(x, weight).float()).abs().max().item()
                 row.update(sparse_ms=sparse_s * 1e3, speedup=dense_s / sparse_s, max_abs_diff=error)
+                row.update(
+                    sparse_spread=timed.spread,
+                    unstable=unstable_spread(dense.spread, timed.spread) is not None,
+                )
                 row["dense_tflops"] = 2 * count * out * inp / dense_s / 1e12
             else:
                 row.update(sparse_ms=None, speedup=None, skipped=reason)
@@ -180,9 +226,14 @@ def _prefill_and_decode(
             out = model(input_ids=token, past_key_values=cache, use_cache=True)
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
 
-    prefill_s = _median_seconds(run_prefill, warmup, repeats, cuda)
-    decode_s = _median_seconds(run_decode, max(1, warmup // 2), max(1, repeats // 2), cuda, start_decode)
-    return {"prefill_tokens_per_s": prefill / prefill_s, "decode_tokens_per_s": decode / decode_s}
+    prefill_t = _median_seconds(run_prefill, warmup, repeats, cuda)
+    decode_t = _median_seconds(run_decode, max(1, warmup // 2), max(1, repeats // 2), cuda, start_decode)
+    return {
+        "prefill_tokens_per_s": prefill / prefill_t.seconds,
+        "decode_tokens_per_s": decode / decode_t.seconds,
+        "prefill_spread": prefill_t.spread,
+        "decode_spread": decode_t.spread,
+    }
 
 
 @torch.no_grad()
@@ -212,6 +263,8 @@ def end_to_end(
         "sparse_24": sparse,
         "prefill_speedup": sparse["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
         "decode_speedup": sparse["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
+        "prefill_unstable": unstable_spread(dense["prefill_spread"], sparse["prefill_spread"]) is not None,
+        "decode_unstable": unstable_spread(dense["decode_spread"], sparse["decode_spread"]) is not None,
         "max_abs_logit_diff": difference,
         "acceleration": report.to_dict() | {"summary": report.summary()},
         "dtype": str(dtype).removeprefix("torch."),
@@ -277,10 +330,15 @@ def run_bench(
         if reduced and preset is not None:
             shapes = REDUCED.linears()
             source = f"{preset} (reduced: small stand-in shapes)"
+    machine = machine_state()
     record: dict[str, Any] = {
         "benchmark": "2:4 vs dense",
         "device": device_name(device),
         "torch": torch.__version__,
+        "threads": machine["threads"],
+        "cpus": machine["cpus"],
+        "load_average_start": machine["load_average"],
+        "unstable_spread": UNSTABLE_SPREAD,
         "mode": "reduced" if reduced else "full",
         "timing": "CUDA events, median" if why_dense is None else "wall clock, median",
         "warmup": warmup,
@@ -306,7 +364,12 @@ def run_bench(
         if not all(nm.is_nm(weight_matrix(m), 2, 4) for m in find_targets(model).values()):
             prune(model, MagnitudeConfig(pattern="2:4"))
         record["end_to_end"] = end_to_end(model, prefill, decode, dtype, backend, warmup, repeats)
+    record["load_average_end"] = machine_state()["load_average"]
     return record
+
+
+def _load(values: list[float] | None) -> str:
+    return "unknown" if values is None else " / ".join(f"{v:.2f}" for v in values)
 
 
 def markdown(record: dict[str, Any]) -> str:
@@ -319,6 +382,12 @@ def markdown(record: dict[str, Any]) -> str:
     ]
     if record["note"]:
         lines.append(f"- **{record['note']}**")
+    if "threads" in record:
+        lines.append(
+            f"- {record['threads']} PyTorch threads on {record['cpus']} CPUs; load average (1 / 5 / 15 min) "
+            f"{_load(record['load_average_start'])} at the start, {_load(record.get('load_average_end'))} "
+            "at the end"
+        )
     tokens = sorted({row["tokens"] for row in record["layers"]})
     lines += ["", "| layer (out × in) | " + " | ".join(f"{t} tok" for t in tokens) + " |"]
     lines.append("|---|" + "---:|" * len(tokens))
@@ -332,10 +401,17 @@ def markdown(record: dict[str, Any]) -> str:
             if row["speedup"] is None:
                 shown.append("skipped")
             else:
-                shown.append(f"{row['dense_ms']:.3f} / {row['sparse_ms']:.3f} ms = **{row['speedup']:.2f}×**")
+                spreads = [row[k] for k in ("dense_spread", "sparse_spread") if k in row]
+                cell = ratio_cell(row["speedup"], spreads)
+                shown.append(f"{row['dense_ms']:.3f} / {row['sparse_ms']:.3f} ms = {cell}")
         lines.append(f"| {label} | " + " | ".join(shown) + " |")
     lines.append("")
-    lines.append("Cells: dense ms / 2:4 ms = speedup (> 1 means 2:4 is faster).")
+    lines.append(
+        "Cells: dense ms / 2:4 ms = speedup (> 1 means 2:4 is faster); medians of the repeats. "
+        f'"unstable": the repeats of one side spread (max − min) / median more than {UNSTABLE_SPREAD:.0%}, '
+        "so the machine was busy with something else and no ratio is given: rerun on an idle machine "
+        "(or with fewer threads)."
+    )
     e2e = record.get("end_to_end")
     if e2e:
         lines += [
@@ -347,10 +423,16 @@ def markdown(record: dict[str, Any]) -> str:
             "| | dense | 2:4 | speedup |",
             "|---|---:|---:|---:|",
             f"| prefill tokens/s | {e2e['dense']['prefill_tokens_per_s']:.1f} | "
-            f"{e2e['sparse_24']['prefill_tokens_per_s']:.1f} | {e2e['prefill_speedup']:.2f}× |",
+            f"{e2e['sparse_24']['prefill_tokens_per_s']:.1f} | {_e2e_cell(e2e, 'prefill')} |",
             f"| decode tokens/s | {e2e['dense']['decode_tokens_per_s']:.1f} | "
-            f"{e2e['sparse_24']['decode_tokens_per_s']:.1f} | {e2e['decode_speedup']:.2f}× |",
+            f"{e2e['sparse_24']['decode_tokens_per_s']:.1f} | {_e2e_cell(e2e, 'decode')} |",
             "",
             f"Max |logit difference| 2:4 kernels vs dense with zeros: {e2e['max_abs_logit_diff']:.3g}.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _e2e_cell(e2e: dict[str, Any], phase: str) -> str:
+    key = f"{phase}_spread"
+    spreads = [side[key] for side in (e2e["dense"], e2e["sparse_24"]) if key in side]
+    return ratio_cell(e2e[f"{phase}_speedup"], spreads).replace("**", "")

@@ -24,11 +24,15 @@ always taken in the Linear layout [out, in], i.e. transposed for GPT-2 Conv1D) i
 Every other tensor is stored unchanged under its state-dict name. Tied tensors are stored once. The
 safetensors header metadata holds `format` = `semisparse-sparse-24-bitmask`, `format_version` = `1`,
 `layers` (JSON: per compressed weight its `dtype`, `transposed`, and `bits`/`group_size`/`symmetric` when
-quantized) and `aliases` (JSON: dropped tied name -> stored name).
+quantized), `aliases` (JSON: dropped tied name -> stored name) and `sha256` (JSON: stored tensor name -> hex
+sha256 of its dtype name, its shape as a list, then its raw bytes; see `tensor_sha256`). Loading checks
+every stored tensor against `sha256`, so a mask with bits moved (still 2:4) or any altered value is an
+error instead of other weights; files written before `sha256` was added load without the check.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -120,6 +124,14 @@ def compressed_tensors_of(
     return tensors, info
 
 
+def tensor_sha256(tensor: Tensor) -> str:
+    """Hex sha256 of a tensor's dtype name (`float32`), its shape as a list (`[4, 8]`), then its bytes."""
+    data = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{str(data.dtype).removeprefix('torch.')}{list(data.shape)}".encode())
+    digest.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
 def compressed_state(
     model: nn.Module, quantized: dict[str, QuantizedWeight] | None = None
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -156,6 +168,7 @@ def compressed_state(
         "format_version": FORMAT_VERSION,
         "layers": json.dumps(layers),
         "aliases": json.dumps(aliases),
+        "sha256": json.dumps({key: tensor_sha256(tensor) for key, tensor in stored.items()}),
     }
     return stored, header
 
@@ -192,6 +205,26 @@ def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
             f"{FORMAT_VERSION}: upgrade semisparse"
         )
     return tensors, header
+
+
+def _verify(path: Path, tensors: dict[str, Tensor], header: dict[str, str]) -> None:
+    """Every stored tensor against the header's `sha256` (files without it predate the check).
+
+    Run after the layout checks, which name a missing or misshapen tensor more precisely.
+    """
+    if "sha256" not in header:
+        return
+    try:
+        expected = json.loads(header["sha256"])
+    except json.JSONDecodeError as err:
+        raise _corrupt(path, "unreadable sha256 metadata") from err
+    if not isinstance(expected, dict):
+        raise _corrupt(path, "unreadable sha256 metadata")
+    for key in sorted(tensors):
+        if key not in expected:
+            raise _corrupt(path, f"tensor {key} is not listed in its sha256 metadata: the file was altered")
+        if tensor_sha256(tensors[key]) != expected[key]:
+            raise _corrupt(path, f"tensor {key} does not match its sha256: the file was altered or damaged")
 
 
 def _decompress_weight(
@@ -265,6 +298,7 @@ def decompressed_state(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Q
         if source not in state:
             raise _corrupt(file, f"tied tensor {alias} points at missing {source}")
         state[alias] = state[source]
+    _verify(file, tensors, header)
     return state, quantized
 
 

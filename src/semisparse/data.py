@@ -29,6 +29,11 @@ CALIBRATION_SOURCES: dict[str, tuple[str, str | None, str]] = {
 }
 
 WIKITEXT2 = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
+# The mirrored C4 shard is split for an honest evaluation protocol: `c4` calibration reads only its first
+# 900 documents, and the last 100 (joined by blank lines) are the `c4-eval` perplexity text.
+C4_CALIBRATION_DOCUMENTS = 900
+C4_EVAL = "c4-eval"
+EVALUATION_DATASETS = ("wikitext2", C4_EVAL)
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 _TOKENIZE_BATCH = 64
 # Tokenise only until the stream holds this many times the tokens the windows need: enough variety for
@@ -77,9 +82,9 @@ def expected_location(path: str, config: str | None, split: str) -> str:
 def _unreadable(path: Path, err: BaseException) -> SemisparseError:
     """One line for a text file that cannot be decoded or decompressed (binary, not UTF-8, broken gzip)."""
     if isinstance(err, UnicodeDecodeError):
+        byte = err.object[err.start : err.start + 1]
         return SemisparseError(
-            f"{path} is not UTF-8 text (byte {err.object[err.start : err.start + 1]!r} at offset {err.start}); "
-            "convert it to UTF-8 or pass a text file"
+            f"{path} is not UTF-8 text (undecodable byte {byte!r}); convert it to UTF-8 or pass a text file"
         )
     if isinstance(err, gzip.BadGzipFile | EOFError | zlib.error):
         detail = str(err).strip().splitlines()[0] if str(err).strip() else "truncated"
@@ -167,14 +172,38 @@ def wikitext2_test_text() -> str:
     return "\n\n".join(row["text"] for row in load_rows(*WIKITEXT2))
 
 
+def c4_eval_text() -> tuple[str, dict[str, Any]]:
+    """The held-out C4 text: the mirrored shard's documents after the first 900 (which calibration reads),
+    joined by blank lines, and its source with the sha256 of that text."""
+    file, recorded = _calibration_file("c4")
+    texts = list(itertools.islice(_iter_texts(file), C4_CALIBRATION_DOCUMENTS, None))
+    if not texts:
+        raise SemisparseError(
+            f"{file} has no documents after the first {C4_CALIBRATION_DOCUMENTS}: c4-eval needs the full "
+            "1000-document shard of the data mirror"
+        )
+    text = "\n\n".join(texts)
+    first = C4_CALIBRATION_DOCUMENTS
+    source = {
+        "dataset": C4_EVAL,
+        "shard": recorded,
+        "documents": f"{first}-{first + len(texts) - 1} (0-based)",
+        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    }
+    return text, source
+
+
 def evaluation_text(dataset: str) -> tuple[str, dict[str, Any]]:
-    """The text of a perplexity dataset (`wikitext2` or a local file) and where it came from."""
+    """The text of a perplexity dataset (`wikitext2`, `c4-eval` or a local file) and where it came from."""
     if dataset == "wikitext2":
         return wikitext2_test_text(), {"dataset": "wikitext2", "split": "wikitext-2-raw-v1/test"}
+    if dataset == C4_EVAL:
+        return c4_eval_text()
     path = Path(dataset).expanduser()
     if not path.is_file():
         raise SemisparseError(
-            f"perplexity dataset '{dataset}' is neither 'wikitext2' nor an existing text file"
+            f"perplexity dataset '{dataset}' is neither 'wikitext2' nor an existing text file; "
+            f"use {', '.join(EVALUATION_DATASETS)} or a text file"
         )
     return "\n\n".join(read_texts(path)), {"dataset": str(path), "sha256": file_sha256(path)}
 
@@ -239,7 +268,10 @@ def calibration_ids(
             "raise the sample count or `seqlen`"
         )
     file, recorded = _calibration_file(source)
-    stream, documents = _token_stream(tokenizer, _iter_texts(file), _STREAM_FACTOR * n_samples * (seqlen + 1))
+    texts = _iter_texts(file)
+    if source == "c4":  # the documents after these are the c4-eval text
+        texts = itertools.islice(texts, C4_CALIBRATION_DOCUMENTS)
+    stream, documents = _token_stream(tokenizer, texts, _STREAM_FACTOR * n_samples * (seqlen + 1))
     if len(stream) < seqlen + 1:
         raise SemisparseError(
             f"calibration set too small: {len(stream)} tokens for windows of {seqlen}; "

@@ -5,6 +5,10 @@ A file is a `numpy.savez_compressed` archive with one entry per pruned weight, k
 (True = kept). Packing drops the shape, so readers take it from the model: every mask has exactly the
 shape of its weight *parameter* (GPT-2's Conv1D stores [in, out]), which lets plain numpy users apply it
 with `weight * mask`. N:M groups are checked in the [out, in] layout, along the input dimension.
+
+A mask of an N:M pattern keeps exactly N of every M weights (a weight that is zero anyway may be among
+the kept); one that keeps fewer somewhere (down to a whole layer of zeros) is refused unless the caller
+allows at-most-N masks (`at_most`, `semisparse apply-mask --at-most`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 
 from semisparse import nm
 from semisparse.errors import SemisparseError
+from semisparse.export import usual_mode
 from semisparse.modules import find_targets, layer_filter, weight_matrix
 from semisparse.nm import NMPattern
 
@@ -62,6 +67,7 @@ def save_masks(masks: dict[str, Tensor], path: str | Path) -> Path:
     try:
         with os.fdopen(handle, "wb") as out:
             np.savez_compressed(out, **arrays)
+        os.chmod(tmp, usual_mode(directory=False))  # mkstemp makes it private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -141,8 +147,12 @@ def check_masks(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     source: str = "the masks",
+    at_most: bool = False,
 ) -> dict[str, nn.Module]:
-    """Validate names, shapes and the N:M pattern of `masks`; returns the targets by weight param name."""
+    """Validate names, shapes and the N:M pattern of `masks`; returns the targets by weight param name.
+
+    Every group of M must keep exactly N (`at_most`: N or fewer, so a group or a layer may be all zeros).
+    """
     targets = {
         f"{name}.weight": module
         for name, module in find_targets(model, layer_filter(include, exclude), m=pattern.m).items()
@@ -156,11 +166,17 @@ def check_masks(
                 f"bool {tuple(module.weight.shape)}: the masks were made for another model"
             )
         matrix_mask = to_matrix_layout(module, mask)
-        if not nm.is_nm(matrix_mask, pattern.n, pattern.m):
+        if not nm.is_nm(matrix_mask, pattern.n, pattern.m, exact=not at_most):
             kept = matrix_mask.reshape(-1, pattern.m).sum(-1)
+            if int(kept.max()) > pattern.n:
+                raise SemisparseError(
+                    f"mask for '{name}' in {source} keeps up to {int(kept.max())} of every {pattern.m} "
+                    f"weights, so it is not {pattern}: pass the mask's own `pattern`"
+                )
             raise SemisparseError(
-                f"mask for '{name}' in {source} keeps up to {int(kept.max())} of every {pattern.m} weights, "
-                f"so it is not {pattern}: pass the mask's own `pattern`"
+                f"mask for '{name}' in {source} keeps only {int(kept.min())} of {pattern.m} weights in "
+                f"{int((kept < pattern.n).sum())} group(s), not exactly {pattern.n}: pass `at_most` if "
+                f"fewer than {pattern.n} is meant"
             )
     return targets
 
@@ -172,12 +188,14 @@ def apply_masks(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     source: str = "the masks",
+    at_most: bool = False,
 ) -> dict[str, float]:
     """Zero the weights the masks drop, in place, after checking every mask; returns each layer's sparsity.
 
-    Nothing is modified unless all masks pass, so a bad file never leaves a half-masked model.
+    Nothing is modified unless all masks pass (exactly N of every M kept; `at_most`: N or fewer), so a bad
+    file never leaves a half-masked model.
     """
-    targets = check_masks(model, masks, pattern, include, exclude, source)
+    targets = check_masks(model, masks, pattern, include, exclude, source, at_most)
     with torch.no_grad():
         for name, module in targets.items():
             module.weight.mul_(masks[name].to(device=module.weight.device, dtype=module.weight.dtype))
@@ -187,7 +205,11 @@ def apply_masks(
 def masks_from_model(
     model: nn.Module, pattern: NMPattern, include: Sequence[str] = (), exclude: Sequence[str] = ()
 ) -> dict[str, Tensor]:
-    """The masks of an already N:M-sparse model, read from its zeros (param layout, keyed by param name)."""
+    """The masks of an already N:M-sparse model, read from its zeros (param layout, keyed by param name).
+
+    Each keeps exactly N of every M: a group with fewer non-zeros (a kept weight that is zero) also keeps
+    its first zeros, as the compressed format does, so the masks pass the exact check of `apply_masks`.
+    """
     masks = {}
     for name, module in find_targets(model, layer_filter(include, exclude), m=pattern.m).items():
         matrix = weight_matrix(module).detach()
@@ -196,5 +218,6 @@ def masks_from_model(
                 f"layer {name} is not {pattern} sparse (some group keeps more than {pattern.n} of "
                 f"{pattern.m} weights): prune the model first, or pass its own `pattern`"
             )
-        masks[f"{name}.weight"] = (module.weight.detach() != 0).cpu()
+        matrix_mask = nm.nm_mask((matrix != 0).float(), pattern.n, pattern.m)
+        masks[f"{name}.weight"] = to_parameter_layout(module, matrix_mask).cpu()
     return masks

@@ -9,6 +9,7 @@ tool (ours, transformers, vLLM) loads it like any other checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import re
@@ -21,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from semisparse.compressed import is_compressed_dir, load_compressed
 from semisparse.compressed_tensors import is_compressed_tensors_dir, load_compressed_tensors
 from semisparse.data import file_sha256
 from semisparse.errors import SemisparseError
+from semisparse.export import usual_mode
 from semisparse.sparse.swap import attach_saved_slorb
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -126,6 +129,7 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
+        staging.chmod(usual_mode(directory=True))  # mkdtemp makes it private
         print(f"semisparse: converting {gguf.name} to safetensors in {target} (once)", file=sys.stderr)
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -197,10 +201,86 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def _load_error(name_or_path: str, err: Exception) -> SemisparseError:
+    if Path(name_or_path).expanduser().is_dir():
+        return SemisparseError(
+            f"cannot load model directory {name_or_path} ({_first_line(err)}): its files are damaged or "
+            "incomplete; save or download the model again"
+        )
     return SemisparseError(
         f"cannot load {name_or_path!r} ({_first_line(err)}); "
         "check the hub id and network, or pass a local model directory"
     )
+
+
+# Weights transformers would read with pickle (torch.load); semisparse loads safetensors only.
+_PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def check_model_dir(path: str | Path) -> None:
+    """A local model directory needs config.json and safetensors weights; anything else is one line.
+
+    A directory with only `pytorch_model.bin` (pickle) is refused rather than loaded through torch.
+    """
+    root = Path(path).expanduser()
+    if not (root / "config.json").is_file():
+        if not any(root.iterdir()):
+            raise SemisparseError(
+                f"model directory {path} is empty: pass a directory written by save_pretrained or semisparse"
+            )
+        raise SemisparseError(
+            f"{path} has no config.json, so it is not a model directory: pass a directory written by "
+            "save_pretrained or semisparse"
+        )
+    if any(root.glob("*.safetensors")) or any(root.glob("*.safetensors.index.json")):
+        return
+    pickles = sorted(p.name for pattern in _PICKLE_WEIGHTS for p in root.glob(pattern))
+    if pickles:
+        raise SemisparseError(
+            f"{path} holds only pickle weights ({pickles[0]}): semisparse loads safetensors only; convert "
+            "it once with save_pretrained (which writes model.safetensors) and pass that directory"
+        )
+    raise SemisparseError(f"{path} has no model.safetensors: the weights are missing, save the model again")
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The weight files of a model directory: every `*.safetensors`, by name."""
+    return sorted(Path(directory).expanduser().glob("*.safetensors"), key=lambda p: p.name)
+
+
+def weights_sha256(directory: str | Path) -> str | None:
+    """One sha256 for a model directory's weights: the sha256 of the text `sha256sum` prints for its
+    weight files in name order (`<hex>  <name>` lines), so `LC_ALL=C sha256sum *.safetensors | sha256sum`
+    in the directory gives the same value. None if it has no weight files."""
+    files = weight_files(directory)
+    if not files:
+        return None
+    listing = "".join(f"{file_sha256(file)}  {file.name}\n" for file in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _local_snapshot(hub_id: str) -> Path | None:
+    """The cached snapshot directory of a hub model (already downloaded by loading it), if any."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(hub_id, local_files_only=True))
+    except Exception:  # not cached, or no huggingface_hub: nothing local to name
+        return None
+
+
+def model_provenance(name_or_path: str, key: str = "base_model") -> dict[str, str | None]:
+    """What a model name stood for when it was used: `{key: name as given, key_resolved: absolute local
+    directory (the cache for an alias, a .gguf or a hub id), key_sha256: `weights_sha256` of it}`.
+
+    Call it after the model was loaded (resolving an alias or a .gguf converts it once)."""
+    path = resolve_model_path(name_or_path)
+    local = Path(path).expanduser()
+    directory = local.absolute() if local.is_dir() else _local_snapshot(path)
+    return {
+        key: name_or_path,
+        f"{key}_resolved": str(directory) if directory is not None else None,
+        f"{key}_sha256": weights_sha256(directory) if directory is not None else None,
+    }
 
 
 def load_model(
@@ -217,9 +297,11 @@ def load_model(
         return load_compressed(path, dtype=dtype, device=device).eval()
     if is_compressed_tensors_dir(path):
         return load_compressed_tensors(path, dtype=dtype, device=device)
+    if Path(path).is_dir():
+        check_model_dir(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ImportError) as err:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    except (OSError, ImportError, ValueError, SafetensorError) as err:
         raise _load_error(name_or_path, err) from err
     if Path(path).is_dir():
         attach_saved_slorb(model, path)

@@ -6,11 +6,13 @@ loop below them.
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -27,6 +29,33 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def set_threads(threads: int) -> None:
+    """Use `threads` CPU threads for PyTorch's intra-op work (and inter-op pool, where still settable).
+
+    On a machine shared with other busy processes, fewer threads than cores avoids threads waiting on each
+    other's descheduled peers (a 2-core machine with one other job: `threads`=1).
+    """
+    if threads < 1:
+        raise SemisparseError(f"`threads` must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+    # settable only once, before any inter-op work started; the intra-op count is what matters
+    with suppress(RuntimeError):
+        torch.set_num_interop_threads(threads)
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (runnable processes), or None where the OS has none."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_state() -> dict[str, Any]:
+    """What decides CPU timings besides the code: threads used, CPUs present, how busy the machine is."""
+    return {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_average": load_average()}
 
 
 @dataclass

@@ -11,7 +11,7 @@ import click
 
 from semisparse import bench, runtime
 from semisparse.acceleration import BACKENDS
-from semisparse.cli.common import device_option, user_errors
+from semisparse.cli.common import device_option, threads_option, user_errors
 from semisparse.errors import SemisparseError
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "bfloat16": "bfloat16", "float16": "float16"}
@@ -47,6 +47,7 @@ def _token_list(text: str | None) -> tuple[int, ...] | None:
 @click.option("--warmup", type=int, default=5, show_default=True)
 @click.option("-o", "--output", "out", required=True, help="JSON file; the Markdown goes next to it (.md).")
 @device_option
+@threads_option
 @user_errors
 def bench_command(
     model: str | None, tokens: str | None, dtype: str, out: str, no_e2e: bool, **kw: Any

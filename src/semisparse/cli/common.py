@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from semisparse.errors import SemisparseError
-from semisparse.runtime import DTYPES
+from semisparse.runtime import DTYPES, set_threads
 
 _PARAMETER = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`(=?)")
 # The names of method settings a command takes through `--set`, stored by the command before it runs.
@@ -65,3 +65,31 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 device_option = click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")
 dtype_option = click.option("--dtype", default="float32", type=click.Choice(list(DTYPES)), show_default=True)
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
+
+
+def _apply_threads(context: click.Context, _param: click.Parameter, threads: int | None) -> None:
+    """Set the thread count while the command line is parsed, before the command does any work."""
+    if threads is None:
+        return
+    try:
+        set_threads(threads)
+    except SemisparseError as exc:
+        click.echo(f"error: {cli_message(str(exc), context)}", err=True)
+        context.exit(2)
+
+
+threads_option = click.option(
+    "--threads",
+    type=int,
+    default=None,
+    expose_value=False,
+    callback=_apply_threads,
+    help="CPU threads for PyTorch (default: PyTorch's choice). On a machine shared with other busy jobs, "
+    "give each job fewer threads than cores, e.g. --threads 1 on 2 cores.",
+)
+
+
+def add_threads_option(command: click.Command) -> None:
+    """Give a command `--threads` unless it declares it (the subcommands of a group declare their own)."""
+    if not isinstance(command, click.Group) and not any(param.name == "threads" for param in command.params):
+        threads_option(command)

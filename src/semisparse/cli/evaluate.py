@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
 
-from semisparse.cli.common import device_option, dtype_option, quiet_option, user_errors
+from semisparse.cli.common import device_option, dtype_option, quiet_option, threads_option, user_errors
+from semisparse.errors import SemisparseError
 from semisparse.evaluation.comparison import format_table
 from semisparse.evaluation.zeroshot import DEFAULT_SEED, TASKS
+from semisparse.export import check_writable
 from semisparse.jobs.evaluate import evaluate_models
 
 
 @click.command("eval")
 @click.argument("models", nargs=-1, required=True)
 @click.option(
-    "--ppl", default="wikitext2", show_default=True, help="wikitext2, a local text file, or none to skip."
+    "--ppl",
+    default="wikitext2",
+    show_default=True,
+    help="wikitext2, c4-eval (the C4 shard's last 100 documents), a local text file, or none to skip.",
 )
 @click.option(
     "--tasks",
     default=None,
-    help=f"Zero-shot tasks through lm-evaluation-harness: all, or some of {','.join(TASKS)}.",
+    help=(
+        f"Zero-shot tasks through lm-evaluation-harness, comma-separated: all ({','.join(TASKS)}) "
+        "or any harness task name (sciq, copa, social_iqa, ...; a tag stands for its tasks, groups such "
+        "as mmlu are refused)."
+    ),
 )
 @click.option("--limit", type=int, default=None, help="Only the first N examples of each task (quick look).")
 @click.option("--seqlen", type=int, default=None, help="Window length (default: min(2048, context)).")
@@ -34,9 +44,14 @@ from semisparse.jobs.evaluate import evaluate_models
 @device_option
 @dtype_option
 @quiet_option
+@threads_option
 @user_errors
 def eval_command(models: tuple[str, ...], out: str | None, quiet: bool, **kw: Any) -> None:
     """Perplexity and zero-shot accuracy of MODELS, side by side (the first is the reference)."""
+    if out:
+        if Path(out).expanduser().is_dir():
+            raise SemisparseError(f"{out} is a directory: pass a file name such as rows.json as `out`")
+        check_writable(out)  # before hours of evaluation, not after
     report = evaluate_models(models, progress=not quiet, **kw)
     rows = [entry["perplexity"] for entry in report["models"] if entry.get("perplexity")]
     click.echo()

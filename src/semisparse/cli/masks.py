@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from semisparse.cli.common import dtype_option, user_errors
+from semisparse.cli.common import dtype_option, threads_option, user_errors
 from semisparse.jobs.masks import apply_mask_to_dir, export_mask_file
 
 
@@ -17,11 +17,21 @@ from semisparse.jobs.masks import apply_mask_to_dir, export_mask_file
 @click.option("--pattern", default="2:4", show_default=True, help="N:M pattern the masks must follow.")
 @click.option("--include", multiple=True, help="Only layers matching this glob get masks (repeatable).")
 @click.option("--exclude", multiple=True, help="Layers matching this glob get no mask (repeatable).")
+@click.option(
+    "--at-most",
+    is_flag=True,
+    help="Accept masks keeping N or fewer of every M (default: exactly N; fewer is refused).",
+)
 @dtype_option
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
+@threads_option
 @user_errors
 def apply_mask_command(model: str, masks: str, out: str, **kw: Any) -> None:
-    """Apply the mask file MASKS (.npz, `<param>.mask` keys) to the dense MODEL and save it to -o."""
+    """Apply the mask file MASKS (.npz, `<param>.mask` keys) to the dense MODEL and save it to -o.
+
+    Each mask must keep exactly N of every M weights of --pattern; --at-most also accepts fewer (a group,
+    or a whole layer, may then be all zeros).
+    """
     meta = apply_mask_to_dir(model, masks, out, **kw)
     click.echo(
         f"saved {out}: {meta['pattern']} masks on {len(meta['targets'])} layers, "
@@ -38,6 +48,7 @@ def apply_mask_command(model: str, masks: str, out: str, **kw: Any) -> None:
 @click.option("--include", multiple=True, help="Only export layers matching this glob (repeatable).")
 @click.option("--exclude", multiple=True, help="Skip layers matching this glob (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace the file if it exists.")
+@threads_option
 @user_errors
 def export_mask_command(
     model: str, out: str, include: tuple[str, ...], exclude: tuple[str, ...], **kw: Any

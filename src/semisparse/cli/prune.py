@@ -9,7 +9,14 @@ from typing import Any
 import click
 
 from semisparse import registry
-from semisparse.cli.common import SETTINGS_KEY, device_option, dtype_option, quiet_option, user_errors
+from semisparse.cli.common import (
+    SETTINGS_KEY,
+    device_option,
+    dtype_option,
+    quiet_option,
+    threads_option,
+    user_errors,
+)
 from semisparse.jobs.base import run_stage
 from semisparse.jobs.prune import inspect_model
 from semisparse.models import DEFAULT_MODEL
@@ -44,6 +51,7 @@ from semisparse.settings import describe, parse_assignments
 @dtype_option
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @quiet_option
+@threads_option
 @user_errors
 def prune_command(
     model: str,
@@ -84,21 +92,34 @@ def prune_command(
 @click.argument("model")
 @click.option("--pattern", default=None, help="Verify this N:M pattern (default: the saved one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@threads_option
 @user_errors
 def info_command(model: str, pattern: str | None, as_json: bool) -> None:
-    """Report the sparsity of MODEL's target layers and verify its N:M pattern."""
+    """Report the sparsity of MODEL's target layers and verify its N:M pattern.
+
+    \b
+    Per layer, against the pattern N:M:
+      ok              every group of M keeps exactly N non-zeros
+      ok (at most N)  no group has more than N, some fewer (zero-valued kept weights, e.g. after
+                      quantization, or groups pruned further, down to a whole layer of zeros)
+      VIOLATES        some group has more than N non-zeros (exit status 1)
+    """
     report = inspect_model(model, pattern)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         width = max((len(layer.name) for layer in report.layers), default=10)
+        n = report.pattern.split(":")[0] if report.pattern else ""
         for layer in report.layers:
             verdict = {True: "ok", False: "VIOLATES", None: ""}[layer.follows_pattern]
+            if layer.follows_pattern and layer.exact is False:
+                verdict = f"ok (at most {n})"
             shape = f"{layer.shape[0]}x{layer.shape[1]}"
             click.echo(f"{layer.name:<{width}}  {shape:>11}  {layer.sparsity:7.2%}  {verdict}")
         click.echo(
             f"{len(report.layers)} target layers, {report.overall_sparsity:.2%} zeros overall"
             + (f", pattern {report.pattern}: {len(report.violations)} violations" if report.pattern else "")
+            + (f", {len(report.at_most)} at most {n} (fewer kept in some group)" if report.at_most else "")
         )
     if report.violations:
         sys.exit(1)

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from semisparse import registry
-from semisparse.cli.common import SETTINGS_KEY, device_option, quiet_option, user_errors
+from semisparse.cli.common import SETTINGS_KEY, device_option, quiet_option, threads_option, user_errors
 from semisparse.jobs.base import run_stage
 from semisparse.jobs.quantize import decompress_to_dir
 from semisparse.settings import describe, parse_assignments
@@ -45,6 +45,7 @@ def _mib(n: int) -> str:
 @device_option
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @quiet_option
+@threads_option
 @user_errors
 def quantize_command(
     model_dir: str,
@@ -100,6 +101,7 @@ def quantize_command(
     "sparse-24-bitmask (unquantized; loads with compressed-tensors 0.14.0.1 + transformers 4.57).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
+@threads_option
 @user_errors
 def compress_command(model_dir: str, out: str, fmt: str, overwrite: bool) -> None:
     """Store MODEL_DIR's 2:4 layers as kept values (or packed codes) plus a bitmask; lossless."""
@@ -114,6 +116,7 @@ def compress_command(model_dir: str, out: str, fmt: str, overwrite: bool) -> Non
 @click.argument("model_dir")
 @click.option("-o", "--output", "out", required=True, help="Output directory (must not exist).")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
+@threads_option
 @user_errors
 def decompress_command(model_dir: str, out: str, overwrite: bool) -> None:
     """Write a compressed MODEL_DIR back as a plain transformers model directory (bit-exact weights)."""

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from semisparse.cli.common import quiet_option, user_errors
+from semisparse.cli.common import quiet_option, threads_option, user_errors
 from semisparse.jobs.recipe import Recipe
 
 
@@ -17,6 +17,7 @@ from semisparse.jobs.recipe import Recipe
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in -o after its finished stages.")
 @click.option("--overwrite", is_flag=True, help="Delete an earlier recipe run in -o and start over.")
 @quiet_option
+@threads_option
 @user_errors
 def run_command(recipe: str, out: str, model: str | None, resume: bool, overwrite: bool, quiet: bool) -> None:
     """Run the stages of the YAML file RECIPE into -o, with one provenance chain (OUT/semisparse.json).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from semisparse import registry
-from semisparse.cli.common import user_errors
+from semisparse.cli.common import threads_option, user_errors
 from semisparse.errors import SemisparseError
 from semisparse.settings import describe
 
@@ -34,6 +34,7 @@ def _find(name: str, kind: str | None) -> registry.Technique:
 @click.command("settings")
 @click.argument("name", required=False)
 @click.option("--kind", type=click.Choice(registry.KINDS), default=None, help="Only this kind of technique.")
+@threads_option
 @user_errors
 def settings_command(name: str | None, kind: str | None) -> None:
     """List the registered techniques, or NAME's settings with type, default and meaning.

@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from semisparse import registry
-from semisparse.cli.common import SETTINGS_KEY, cli_message, quiet_option, user_errors
+from semisparse.cli.common import SETTINGS_KEY, cli_message, quiet_option, threads_option, user_errors
 from semisparse.settings import SettingInfo, describe, parse_assignments
 
 # TrainConfig fields that are flags of every `train` command (the rest: a recipe).
@@ -102,6 +102,7 @@ def _make_command(name: str) -> click.Command:
         assignments: tuple[str, ...],
         resume: str | None,
         overwrite: bool,
+        allow_schedule_change: bool,
         quiet: bool,
         **options: Any,
     ) -> None:
@@ -121,6 +122,7 @@ def _make_command(name: str) -> click.Command:
                 settings=parse_assignments(assignments),
                 resume=resume,
                 overwrite=overwrite,
+                allow_schedule_change=allow_schedule_change,
                 progress=not quiet,
                 **overrides,
             )
@@ -152,8 +154,19 @@ def _make_command(name: str) -> click.Command:
             default=None,
             help="Continue OUT from its latest checkpoint, or from the given run/checkpoint directory.",
         ),
-        click.option("--overwrite", is_flag=True, help="Delete an existing run in OUT and start over."),
+        click.option(
+            "--allow-schedule-change",
+            is_flag=True,
+            help="With --resume: continue with another --lr, --min-lr-ratio, --warmup-steps or --grad-clip "
+            "(logged in metrics.jsonl).",
+        ),
+        click.option(
+            "--overwrite",
+            is_flag=True,
+            help="Replace an existing run in OUT; the old run is kept until the new one's first checkpoint.",
+        ),
         quiet_option,
+        threads_option,
         user_errors,
     ]
     for decorator in reversed(decorators):

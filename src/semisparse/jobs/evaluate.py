@@ -18,7 +18,7 @@ from semisparse.errors import SemisparseError
 from semisparse.evaluation.comparison import build_report, training_curve, write_report
 from semisparse.evaluation.perplexity import perplexity, tokenize_text
 from semisparse.evaluation.zeroshot import DEFAULT_SEED, evaluate_zeroshot, load_tasks, parse_tasks
-from semisparse.export import ensure_output_available, read_metadata
+from semisparse.export import ensure_output_available, read_metadata, writes_output
 from semisparse.models import load_model, load_tokenizer
 from semisparse.runtime import default_device, measured, parse_dtype
 
@@ -34,6 +34,7 @@ def _perplexity_text(dataset: str) -> tuple[str, dict[str, Any]]:
     return text, source
 
 
+@writes_output("report_dir")
 def evaluate_models(
     model_names: Sequence[str],
     ppl: str | None = "wikitext2",
@@ -51,8 +52,9 @@ def evaluate_models(
 ) -> dict[str, Any]:
     """Evaluate every model and return the comparison report (also written to `report_dir` if given).
 
-    `ppl` is "wikitext2", a text file, or None/"none" to skip perplexity; `tasks` is "all", a comma list
-    or a list of harness task names. Data problems surface before any model is loaded.
+    `ppl` is "wikitext2", a text file, or None/"none" to skip perplexity; `tasks` is "all" (the nine tasks
+    of the 2:4 papers), a comma list or a list of any lm-evaluation-harness task names. Data problems surface
+    before any model is loaded.
     """
     if not model_names:
         raise SemisparseError("no model given: pass one or more model names or directories")
@@ -64,7 +66,7 @@ def evaluate_models(
         ensure_output_available(report_dir, overwrite, name="report_dir")
     device = device or default_device()
     text, source = _perplexity_text(ppl) if ppl is not None else (None, None)
-    harness_tasks = load_tasks(task_names) if task_names else None
+    harness_tasks = load_tasks(task_names, progress) if task_names else None
 
     models = []
     for name in model_names:

@@ -2,7 +2,7 @@
 
 A mask file is portable: `export-mask` reads the masks off any N:M-sparse model (so a mask learned once
 can seed `--prior-mask` elsewhere), and `apply-mask` puts a mask file on a dense model, refusing anything
-that does not fit it exactly.
+that does not fit it exactly: exactly N of every M kept, unless `at_most` allows fewer.
 """
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ from typing import Any
 from semisparse import nm
 from semisparse.data import file_sha256
 from semisparse.errors import SemisparseError
-from semisparse.export import ensure_output_available, provenance, read_metadata, save_model_dir
+from semisparse.export import (
+    ensure_output_available,
+    provenance,
+    read_metadata,
+    save_model_dir,
+    writes_output,
+)
 from semisparse.maskfiles import (
     MASKS_FILE,
     apply_masks,
@@ -24,11 +30,12 @@ from semisparse.maskfiles import (
     save_masks,
     target_shapes,
 )
-from semisparse.models import load_model, load_tokenizer
+from semisparse.models import load_model, load_tokenizer, model_provenance
 from semisparse.report import sparsity_report
 from semisparse.runtime import parse_dtype
 
 
+@writes_output()
 def apply_mask_to_dir(
     model_name: str,
     masks_path: str | Path,
@@ -38,8 +45,12 @@ def apply_mask_to_dir(
     exclude: Sequence[str] = (),
     dtype: str = "float32",
     overwrite: bool = False,
+    at_most: bool = False,
 ) -> dict[str, Any]:
-    """Apply a mask file to a dense model and save the sparse model (with a copy of the masks) to `out`."""
+    """Apply a mask file to a dense model and save the sparse model (with a copy of the masks) to `out`.
+
+    Every mask must keep exactly N of every M weights; `at_most` accepts N or fewer (recorded).
+    """
     ensure_output_available(out, overwrite)
     parsed = nm.parse_pattern(pattern)
     masks_path = Path(masks_path).expanduser()
@@ -48,10 +59,11 @@ def apply_mask_to_dir(
     model = load_model(model_name, dtype=parse_dtype(dtype))
     tokenizer = load_tokenizer(model_name)
     masks = load_masks(masks_path, target_shapes(model, parsed, include, exclude))
-    per_layer = apply_masks(model, masks, parsed, include, exclude, source=f"mask file {masks_path}")
+    source = f"mask file {masks_path}"
+    per_layer = apply_masks(model, masks, parsed, include, exclude, source=source, at_most=at_most)
     report = sparsity_report(model, parsed, include, exclude)
     metadata = provenance(
-        base_model=model_name,
+        **model_provenance(model_name),
         method="mask-file",
         pattern=str(parsed),
         sparsity=None,
@@ -62,7 +74,7 @@ def apply_mask_to_dir(
         per_layer_sparsity=per_layer,
         masks_file=str(masks_path.resolve()),
         masks_sha256=file_sha256(masks_path),
-        settings={"dtype": dtype},
+        settings={"dtype": dtype, "at_most": at_most},
     )
     save_model_dir(
         model,
@@ -75,6 +87,7 @@ def apply_mask_to_dir(
     return metadata
 
 
+@writes_output(refuse_existing=False)
 def export_mask_file(
     model_name: str,
     out: str | Path,
@@ -98,6 +111,10 @@ def export_mask_file(
     exclude = list(meta.get("exclude", ()) if exclude is None else exclude)
     model = load_model(model_name)
     masks = masks_from_model(model, parsed, include, exclude)
+    if path.exists() and not overwrite:  # made meanwhile by something that does not take our lock
+        raise SemisparseError(
+            f"{path} appeared while this run worked: choose another `out` or pass `overwrite`"
+        )
     save_masks(masks, path)
     return {
         "path": str(path),

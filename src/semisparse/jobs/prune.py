@@ -13,14 +13,21 @@ from typing import Any
 from semisparse import compressed_tensors, nm, registry
 from semisparse.calibration import Calibration
 from semisparse.errors import SemisparseError
-from semisparse.export import ensure_output_available, provenance, read_metadata, save_model_dir
-from semisparse.models import load_model, load_tokenizer
+from semisparse.export import (
+    ensure_output_available,
+    provenance,
+    read_metadata,
+    save_model_dir,
+    writes_output,
+)
+from semisparse.models import load_model, load_tokenizer, model_provenance
 from semisparse.modules import layer_filter
 from semisparse.pruning import PrunerConfig, calibrate_and_prune
 from semisparse.report import SparsityReport, sparsity_report
 from semisparse.runtime import default_device, measured, parse_dtype
 
 
+@writes_output()
 def prune_to_dir(
     model_name: str,
     out: str | Path,
@@ -36,6 +43,9 @@ def prune_to_dir(
     """Prune a model one-shot and save it with its provenance; returns the `semisparse.json` content.
 
     `include` / `exclude` are globs on layer names (recorded, so `inspect_model` checks the same layers).
+    `out` is checked (it must not exist unless `overwrite`, and must be writable) and locked against other
+    writers before the model is loaded. The metadata names the model as given, its resolved directory and
+    the sha256 of its weights (`models.model_provenance`).
     """
     ensure_output_available(out, overwrite)
     entry = registry.for_config(config, "pruner")
@@ -43,6 +53,7 @@ def prune_to_dir(
     device = device or default_device()
     model = load_model(model_name, dtype=parse_dtype(dtype), device=device)
     tokenizer = load_tokenizer(model_name)
+    base = model_provenance(model_name)
     with measured(device) as cost:
         per_layer, calibration_info = calibrate_and_prune(
             model, tokenizer, config, calibration, layer_filter(include, exclude), device, progress
@@ -55,7 +66,7 @@ def prune_to_dir(
         )
     settings = {key: value for key, value in config.to_dict().items() if key not in ("pattern", "sparsity")}
     metadata = provenance(
-        base_model=model_name,
+        **base,
         method=entry.name,
         pattern=config.pattern,
         sparsity=config.sparsity,

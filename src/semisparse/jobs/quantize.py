@@ -40,8 +40,9 @@ from semisparse.export import (
     ensure_output_available,
     provenance,
     read_metadata,
+    writes_output,
 )
-from semisparse.models import load_model, load_tokenizer
+from semisparse.models import load_model, load_tokenizer, model_provenance
 from semisparse.modules import find_targets, layer_filter, weight_matrix
 from semisparse.quantization import QuantizedWeight, QuantizerConfig, quantize
 from semisparse.quantization.gridfile import load_quantized, save_grids
@@ -74,6 +75,15 @@ def _load(model_dir: str, device: str) -> tuple[PreTrainedModel, dict[str, Quant
 
 def _source_metadata(model_dir: str) -> dict[str, Any]:
     return (read_metadata(model_dir) if Path(model_dir).expanduser().is_dir() else None) or {}
+
+
+def _identity(model_dir: str, source: dict[str, Any]) -> dict[str, Any]:
+    """`source_model` as given, resolved and by its weights' sha256; also as `base_model` when the source
+    names none (a dense model is its own base)."""
+    found = model_provenance(model_dir, "source_model")
+    if source.get("base_model") is None:
+        found.update(model_provenance(model_dir, "base_model"))
+    return found
 
 
 def _nonzero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -110,6 +120,7 @@ def _write(
     (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
 
 
+@writes_output()
 def quantize_to_dir(
     model_dir: str,
     out: str | Path,
@@ -122,7 +133,11 @@ def quantize_to_dir(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Quantize a (2:4) model directory's target layers and save it; returns the `semisparse.json` content."""
+    """Quantize a (2:4) model directory's target layers and save it; returns the `semisparse.json` content.
+
+    The metadata keeps the source's provenance and names the source as given, resolved and by the sha256
+    of its weights (`source_model*`); a source without a `base_model` (a dense model) is also the base.
+    """
     ensure_output_available(out, overwrite)
     entry = registry.for_config(config, "quantizer")
     device = device or default_device()
@@ -131,6 +146,7 @@ def quantize_to_dir(
         raise SemisparseError(f"{model_dir} is already quantized: quantize its unquantized source instead")
     model, _ = _load(model_dir, device)
     tokenizer = load_tokenizer(model_dir)
+    identity = _identity(model_dir, source)
     ids, calibration_info = None, None
     if entry.needs_calibration:
         ids, calibration_info = load_calibration(model, tokenizer, calibration or Calibration())
@@ -152,8 +168,8 @@ def quantize_to_dir(
             )
     settings = {"method": entry.name, **config.to_dict()}
     metadata = provenance(
-        **{k: v for k, v in source.items() if k not in _OWN_KEYS},
-        source_model=str(model_dir),
+        **{k: v for k, v in source.items() if k not in _OWN_KEYS and k not in identity},
+        **identity,
         method=f"{source.get('method', 'dense')}+{entry.name}-int{config.bits}",
         quantization={**settings, "layers": sorted(quantized), "calibration": calibration_info},
         compressed={"format": FORMAT, "version": FORMAT_VERSION} if compressed else None,
@@ -166,6 +182,7 @@ def quantize_to_dir(
     return metadata
 
 
+@writes_output()
 def compress_to_dir(
     model_dir: str, out: str | Path, overwrite: bool = False, format: str = "semisparse"
 ) -> dict[str, Any]:
@@ -196,13 +213,19 @@ def compress_to_dir(
         if ct
         else {"format": FORMAT, "version": FORMAT_VERSION, "file": COMPRESSED_FILE}
     )
-    metadata = {**source, "compressed": written, "sizes": _sizes(model, quantized)}
+    metadata = {
+        **source,
+        **_identity(model_dir, source),
+        "compressed": written,
+        "sizes": _sizes(model, quantized),
+    }
     tokenizer = load_tokenizer(model_dir)
     with atomic_directory(out, overwrite) as tmp:
         _write(model, tokenizer, tmp, metadata, quantized, True, dir_bytes(model_dir), ct)
     return metadata
 
 
+@writes_output()
 def decompress_to_dir(model_dir: str, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Write a compressed directory back as a plain transformers model (plus grids if quantized)."""
     ensure_output_available(out, overwrite)

@@ -35,7 +35,7 @@ import yaml
 
 from semisparse import registry
 from semisparse.errors import SemisparseError
-from semisparse.export import METADATA_FILE
+from semisparse.export import METADATA_FILE, writes_output
 from semisparse.jobs.base import StageConfig
 from semisparse.jobs.chain import (
     RECIPE_FILE,
@@ -138,6 +138,7 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(model), sort_keys=False)
 
     # --- running -------------------------------------------------------------------------------------
+    @writes_output(refuse_existing=False)
     def run(
         self,
         model: str | None = None,
@@ -147,7 +148,11 @@ class Recipe:
         overwrite: bool = False,
         progress: bool = True,
     ) -> RecipeResult:
-        """Run every stage into `out` (see the module doc); `model` overrides the recipe's model."""
+        """Run every stage into `out` (see the module doc); `model` overrides the recipe's model.
+
+        `out` must be writable, and is locked against other writers for the whole run (see
+        `export.output_lock`), before anything is loaded or written.
+        """
         if resume and overwrite:
             raise SemisparseError("`resume` and `overwrite` contradict each other; pass only one")
         base = model or self.model or DEFAULT_MODEL

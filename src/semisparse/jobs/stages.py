@@ -1,8 +1,9 @@
-"""The built-in stages of a recipe: prune, train, quantize, compress and eval.
+"""The built-in stages of a recipe: prune, reconstruct, train, quantize, compress and eval.
 
 Each is a `StageConfig` registered as kind "stage" with its implementation, which runs the same job as
 the command of that name (`semisparse prune`, `quantize`, `compress` call these very implementations with
-their `-o` as the output directory). The train stage lives in `semisparse.jobs.train_stage`.
+their `-o` as the output directory). The train stage lives in `semisparse.jobs.train_stage`, the
+reconstruct stage in `semisparse.jobs.reconstruct`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from semisparse import registry
 from semisparse.calibration import Calibration
+from semisparse.data import EVALUATION_DATASETS
 from semisparse.errors import SemisparseError
 from semisparse.evaluation.comparison import format_table
 from semisparse.evaluation.zeroshot import DEFAULT_SEED, parse_tasks
@@ -195,7 +197,9 @@ class EvalStageConfig(StageConfig):
 
     owner: ClassVar[str] = "eval stage"
 
-    dataset: str | None = setting("wikitext2", "perplexity text: wikitext2, a local text file, or none")
+    dataset: str | None = setting(
+        "wikitext2", "perplexity text: wikitext2, c4-eval, a local text file, or none"
+    )
     seqlen: int | None = setting(None, "perplexity window length (none: min(2048, context))", minimum=1)
     max_windows: int | None = setting(None, "evaluate only the first K windows (none: all)", minimum=1)
     batch_size: int = setting(1, "windows / requests per forward pass", minimum=1)
@@ -209,9 +213,10 @@ class EvalStageConfig(StageConfig):
     def check(self) -> None:
         if self.dataset is not None and self.dataset.strip().lower() == "none":
             self.dataset = None
-        if self.dataset not in (None, "wikitext2") and not Path(self.dataset).expanduser().is_file():
+        if self.dataset not in (None, *EVALUATION_DATASETS) and not Path(self.dataset).expanduser().is_file():
             raise SemisparseError(
-                f"eval stage `dataset` '{self.dataset}' is neither wikitext2 nor an existing text file"
+                f"eval stage `dataset` '{self.dataset}' is neither wikitext2 nor an existing text file "
+                f"(named datasets: {', '.join(EVALUATION_DATASETS)})"
             )
         self.tasks = parse_tasks(self.tasks)
         if self.dataset is None and not self.tasks:
@@ -273,3 +278,10 @@ class EvalStage(Stage):
         if metadata.get("mean_acc") is not None:
             parts.append(f"mean acc {metadata['mean_acc']:.2%}")
         return ", ".join(parts)
+
+
+# The reconstruct stage (its own module, it needs the reconstruction package) is registered here, after the
+# original pipeline stages, so the stage list keeps its order whichever module is imported first.
+from semisparse.jobs.reconstruct import SUMMARY, ReconstructStage, ReconstructStageConfig  # noqa: E402
+
+register("stage", "reconstruct", ReconstructStageConfig, summary=SUMMARY)(ReconstructStage)

@@ -18,7 +18,7 @@ from semisparse.calibration import Calibration, load_calibration
 from semisparse.errors import SemisparseError
 from semisparse.modules import FilterFn, find_targets, weight_matrix
 from semisparse.pruning.config import PrunerConfig
-from semisparse.pruning.engine import LayerPruner, check_calibration_ids, run_layerwise
+from semisparse.pruning.engine import LayerPruner, PruneTimings, check_calibration_ids, run_layerwise
 from semisparse.pruning.magnitude import MagnitudeConfig
 from semisparse.pruning.sparsegpt import SparseGPTConfig
 from semisparse.pruning.wanda import WandaConfig
@@ -46,12 +46,14 @@ def prune(
     calibration_ids: Tensor | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    timings: PruneTimings | None = None,
 ) -> dict[str, float]:
     """Prune the model's decoder-block linears in place; returns each target's fraction of zeros.
 
     `filter_fn(module, name)` picks the targets among the decoder-block linears (all by default;
     `semisparse.modules.layer_filter` builds one from globs). Pruners that need data calibrate
-    sequentially on `calibration_ids` [n_samples, seqlen].
+    sequentially on `calibration_ids` [n_samples, seqlen]; `timings`, if given, records where that time
+    went (`semisparse.pruning.engine.PruneTimings`).
     """
     entry = registry.for_config(config, "pruner")
     pattern = config.nm_pattern
@@ -64,7 +66,8 @@ def prune(
     def make_pruner(name: str, module: nn.Module) -> LayerPruner:
         return entry.implementation(name, module, config)
 
-    run_layerwise(model, targets, make_pruner, ids, device, progress, f"{entry.name} {config.target}")
+    desc = f"{entry.name} {config.target}"
+    run_layerwise(model, targets, make_pruner, ids, device, progress, desc, timings)
     return {name: nm.sparsity(weight_matrix(module)) for name, module in targets.items()}
 
 

@@ -107,8 +107,31 @@ def sparsegpt_prune_weight(
     return w_all
 
 
+def add_upper_gram(hessian: Tensor, x: Tensor) -> None:
+    """`hessian += xᵀ x` on and above the diagonal only, in column blocks: about 5/8 of a full product.
+
+    The strictly lower triangle is left as it was; `symmetrize_from_upper` fills it. Each block is the same
+    matrix product over the tokens as the full one, so the upper triangle equals the full product's (on
+    MKL bit for bit).
+    """
+    cols = x.shape[1]
+    width = max(128, -(-cols // 4))
+    for start in range(0, cols, width):
+        end = min(start + width, cols)
+        hessian[start:end, start:].addmm_(x[:, start:end].t(), x[:, start:])
+
+
+def symmetrize_from_upper(hessian: Tensor) -> None:
+    """Make the strictly lower triangle the transpose of the strictly upper one, in place (exactly)."""
+    lower = torch.tril(hessian.t(), -1)
+    hessian.triu_().add_(lower)
+
+
 class SparseGPTPruner:
-    """Accumulates one layer's Hessian from its forward hook, then prunes and reconstructs the layer."""
+    """Accumulates one layer's Hessian from its forward hook, then prunes and reconstructs the layer.
+
+    Only the upper triangle is accumulated (the Hessian is symmetric); reading `hessian` fills in the rest.
+    """
 
     def __init__(
         self,
@@ -130,14 +153,32 @@ class SparseGPTPruner:
         self.hessian = torch.zeros(cols, cols, dtype=torch.float32, device=weight.device)
         self.n_samples = 0
 
+    @property
+    def hessian(self) -> Tensor:
+        """The running `H = 2/n Σ_samples Σ_tokens x xᵀ` [in, in], whole (symmetrized on first read)."""
+        if self._lower_stale:
+            symmetrize_from_upper(self._hessian)
+            self._lower_stale = False
+        return self._hessian
+
+    @hessian.setter
+    def hessian(self, value: Tensor) -> None:
+        self._hessian = value
+        self._lower_stale = False
+
     def add_batch(self, inp: Tensor) -> None:
         """Fold `inp` [batch, ..., in] into the running average `H = 2/n Σ_samples Σ_tokens x xᵀ`."""
         batch = inp.shape[0] if inp.dim() > 2 else 1
-        x = inp.detach().reshape(-1, inp.shape[-1]).to(device=self.hessian.device, dtype=torch.float32)
-        self.hessian *= self.n_samples / (self.n_samples + batch)
+        x = inp.detach().reshape(-1, inp.shape[-1]).to(device=self._hessian.device, dtype=torch.float32)
+        self._hessian *= self.n_samples / (self.n_samples + batch)
         self.n_samples += batch
         x = x * math.sqrt(2 / self.n_samples)
-        self.hessian.addmm_(x.t(), x)
+        add_upper_gram(self._hessian, x)
+        self._lower_stale = True
+
+    def adopt_statistics(self, leader: SparseGPTPruner) -> None:
+        """Use `leader`'s Hessian: the engine saw this layer receive the very same inputs (e.g. q/k/v)."""
+        self.hessian, self.n_samples = leader.hessian, leader.n_samples
 
     @torch.no_grad()
     def prune(self) -> None:

@@ -42,6 +42,10 @@ class WandaPruner:
         x = inp.detach().reshape(-1, inp.shape[-1]).to(device=self.input_sq_norms.device, dtype=torch.float32)
         self.input_sq_norms += x.square().sum(dim=0)
 
+    def adopt_statistics(self, leader: WandaPruner) -> None:
+        """Use `leader`'s input norms: the engine saw this layer receive the very same inputs (e.g. q/k/v)."""
+        self.input_sq_norms = leader.input_sq_norms
+
     @torch.no_grad()
     def prune(self) -> None:
         mask = wanda_mask(weight_matrix(self.module), self.input_sq_norms, self.pattern, self.sparsity)

@@ -181,19 +181,64 @@ def check_compatible(
     differing = [k for k in keys if _normalise(recorded.get(k)) != _normalise(expected.get(k))]
     fixed = [k for k in differing if k not in schedule]
     if fixed:
-        detail = ", ".join(f"{k}: {_short(recorded.get(k))} vs {_short(expected.get(k))}" for k in fixed[:3])
+        detail = describe_differences(recorded, expected, fixed)
         raise SemisparseError(
-            f"checkpoint {path} belongs to a different run ({detail}); resume with the same settings "
-            "or start over with `overwrite`"
+            f"checkpoint {path} belongs to a different run (checkpoint -> now: {detail}); resume with the "
+            "same settings or start over with `overwrite`"
         )
     changes = {k: [recorded.get(k), expected.get(k)] for k in differing}
     if changes and not allow_schedule_change:
-        detail = ", ".join(f"{k}: {_short(old)} vs {_short(new)}" for k, (old, new) in changes.items())
+        detail = describe_differences(recorded, expected, differing)
         raise SemisparseError(
-            f"checkpoint {path} was trained with another schedule ({detail}); resume with the same "
-            "settings, or add `allow_schedule_change` to continue with the new one"
+            f"checkpoint {path} was trained with another schedule (checkpoint -> now: {detail}); resume "
+            "with the same settings, or add `allow_schedule_change` to continue with the new one"
         )
     return changes
+
+
+def describe_differences(recorded: dict[str, Any], current: dict[str, Any], keys: list[str]) -> str:
+    """How the fields `keys` differ, one `key: old -> new` each, for a one-line message.
+
+    Mappings (the method's settings) are compared key by key, so each differing setting is named
+    (`method.mask_update_every: 10 -> 0`); the `config.` prefix of the fingerprint fields is dropped. A
+    value longer than `_SHOWN` characters is cut to a window around where the two values first differ; a
+    field one side lacks is `(unset)`.
+    """
+    old, new = ({k: fields[k] for k in keys if k in fields} for fields in (recorded, current))
+    rows = _differences(_normalise(old), _normalise(new), "")
+    return ", ".join(f"{key}: {_shown(old, new)}" for key, old, new in rows)
+
+
+_UNSET = object()
+_SHOWN = 200
+
+
+def _differences(old: Any, new: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        rows = []
+        for key in sorted(set(old) | set(new)):
+            name = f"{prefix}{key}".removeprefix("config.")
+            rows += _differences(old.get(key, _UNSET), new.get(key, _UNSET), f"{name}.")
+        return rows
+    return [] if old == new else [(prefix.removesuffix("."), old, new)]
+
+
+def _shown(old: Any, new: Any) -> str:
+    """`old -> new` as compact JSON; a value longer than `_SHOWN` characters is cut to a window that starts
+    a little before the first character where the two texts differ, so the difference stays in view."""
+    texts = ["(unset)" if value is _UNSET else json.dumps(value, sort_keys=True) for value in (old, new)]
+    same = 0
+    while same < min(map(len, texts)) and texts[0][same] == texts[1][same]:
+        same += 1
+    shown = []
+    for text in texts:
+        start = max(0, min(same - 40, len(text) - _SHOWN))
+        end = start + _SHOWN
+        if len(text) > _SHOWN:
+            before, after = "..." if start else "", "..." if end < len(text) else ""
+            text = f"{before}{text[start:end]}{after} ({len(text)} chars)"
+        shown.append(text)
+    return " -> ".join(shown)
 
 
 def check_inputs(path: Path, meta: dict[str, Any], current: dict[str, Any]) -> None:
@@ -237,11 +282,6 @@ def _digest(value: Any) -> str:
 
 def _normalise(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load_state(path: Path, meta: dict[str, Any]) -> dict[str, Any]:

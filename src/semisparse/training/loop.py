@@ -1,13 +1,5 @@
 """The shared training loop: a `TrainingMethod` supplies the model, loss and hooks; the loop does the rest.
 
-Run directory layout (`config.output`):
-
-    OUT/config.yaml           the validated TrainConfig (method settings under `method`)
-    OUT/metrics.jsonl         one JSON row per optimizer step and per evaluation
-    OUT/checkpoints/step-N/   the newest resumable checkpoints
-    OUT/tensorboard/          with `tensorboard`
-    OUT/model/                the final model (plain transformers layout) with semisparse.json
-
 Optimizer step `s` (0-based) consumes global sequences s·G .. s·G+G-1 (G = micro_batch · grad_accum ·
 world_size) of the corpus order; rank r takes its contiguous slice of them, split into `grad_accum`
 micro-batches. Per step the loop calls `before_step`, then `loss` and backward per micro-batch (loss
@@ -17,31 +9,21 @@ finite, steps the optimizer and calls `after_step`. A non-finite step is skipped
 
 Checkpoints are written every `checkpoint_every` steps, on SIGINT/SIGTERM and after the last step (before
 the final evaluation and export, so a failed export loses no training; resuming that checkpoint only
-evaluates and exports). Each pins the run's inputs: the corpus (sha256 of the file, tokenizer, token
-count) and the base model (sha256 of its weight files); resuming on other inputs is refused. Resuming
-with another `lr`, `min_lr_ratio`, `warmup_steps` or `grad_clip` needs `allow_schedule_change` and is
-logged as an `event` row `{"event": "schedule_change", ...}` in metrics.jsonl and in the provenance.
+evaluates and exports). What a resumed run must match, and how it may change its schedule: `resume`.
 
-Inputs (config, corpus, evaluation text, model) are loaded before OUT is touched. `overwrite` builds the
-new run in a hidden sibling `.OUT.overwrite-*` and swaps it for the old run only at the new run's first
-checkpoint (periodic, on a signal, or the final one), so a run that fails before then leaves the old run
-as it was. An output directory that is or contains the input model is refused.
+Inputs (config, corpus, evaluation text, model) are loaded before the output directory is touched; its
+layout, and how `overwrite` replaces an old run only at the new run's first checkpoint: `rundir`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import math
-import os
 import random
-import shutil
-import signal
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,27 +31,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from semisparse.data import evaluation_text
 from semisparse.errors import SemisparseError
-from semisparse.evaluation.perplexity import perplexity, tokenize_text
-from semisparse.export import METADATA_FILE, atomic_directory, provenance
 from semisparse.models import load_tokenizer
 from semisparse.modules import context_length
 from semisparse.training import checkpoint, distributed
-from semisparse.training.config import SCHEDULE_FIELDS, TrainConfig
-from semisparse.training.corpus import PackedSequences, load_token_stream, resolve_corpus
+from semisparse.training.config import TrainConfig
+from semisparse.training.corpus import PackedSequences
+from semisparse.training.final_model import unsharded_method, write_model
+from semisparse.training.inputs import evaluate, load_eval_ids, load_inputs
 from semisparse.training.method import TrainingMethod, default_optimizer
 from semisparse.training.metrics import METRICS_FILE, MetricsLog, memory_bytes
+from semisparse.training.resume import fingerprint_fields, restore_checkpoint
+from semisparse.training.rundir import CONFIG_FILE, MODEL_DIR, RunDirectory, check_output
 from semisparse.training.schedule import make_scheduler
+from semisparse.training.signals import StopRequests
 
 __all__ = ["MethodFactory", "TrainingInterrupted", "TrainingMethod", "default_optimizer", "launch", "run"]
-
-CONFIG_FILE = "config.yaml"
-MODEL_DIR = "model"
-# Hidden siblings of OUT: a run being built by `overwrite`, and an old run being swapped out.
-_STAGING = ".overwrite-"
-_RETIRED = ".old-"
-
 
 # (total_steps, device, initialise) -> the method; see `TrainingMethod.from_pretrained`.
 MethodFactory = Callable[[int, str, bool], TrainingMethod]
@@ -97,7 +74,7 @@ def launch(
     info, device = distributed.setup(config.device)
     try:
         config.check_world(info.world_size)
-        _check_output(config, resume, overwrite)
+        check_output(config, resume, overwrite)
         total = config.total_steps(info.world_size)
         method = make_method(total, str(device), resume is None)
 
@@ -136,75 +113,6 @@ def run(
         distributed.teardown(info)
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def _check_output(config: TrainConfig, resume: str | Path | None, overwrite: bool) -> Path:
-    out = Path(config.output).expanduser()
-    target = out.resolve()
-    model = Path(config.model).expanduser()
-    if model.exists() and _inside(model.resolve(), target):
-        raise SemisparseError(
-            f"the output directory {out} is or contains the input model {config.model}: training would "
-            "replace it; choose another `output`"
-        )
-    if overwrite and resume is None:
-        for name in ("corpus", "eval_corpus"):
-            path = Path(getattr(config, name)).expanduser()
-            if path.is_file() and _inside(path.resolve(), target):
-                raise SemisparseError(
-                    f"`{name}` {path} lies in {out}, which `overwrite` replaces; move it or choose another "
-                    "`output`"
-                )
-    if resume is not None:
-        if (out / MODEL_DIR).exists():
-            raise SemisparseError(f"the run in {out} already finished ({out / MODEL_DIR}); nothing to resume")
-        return checkpoint.resolve_resume(resume, out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise SemisparseError(
-                f"output directory {out} already exists: choose another `output`, `resume` to continue it "
-                "or `overwrite` to start over"
-            )
-        if not (out / CONFIG_FILE).is_file() and not (out / METADATA_FILE).is_file():
-            raise SemisparseError(
-                f"{out} is not a semisparse run directory; not overwriting it, choose another `output`"
-            )
-    return out
-
-
-class _StopRequests:
-    """SIGINT/SIGTERM set a flag so the loop finishes its step and checkpoints; a second signal aborts."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(
-            f"\nsemisparse: {signal.Signals(signum).name} received, checkpointing after this step "
-            "(send again to abort at once; the last checkpoint stays)",
-            file=sys.stderr,
-        )
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[_StopRequests]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
-        try:
-            yield self
-        finally:
-            for signum, handler in self._previous.items():
-                signal.signal(signum, handler)
-
-
 class _Trainer:
     def __init__(
         self,
@@ -229,8 +137,10 @@ class _Trainer:
             raise SemisparseError("`fsdp` needs the method factory: start the run with launch() or train()")
         self.tokenizer = method.tokenizer if method.tokenizer is not None else load_tokenizer(config.model)
         # What `train` sets up, in this order: the data, the optimizer and its schedule, the metrics log.
+        # What the run is trained on is pinned in every checkpoint (`inputs`).
         self.corpus_info: dict[str, Any] = {}
         self.sequences: PackedSequences | None = None
+        self.inputs: dict[str, Any] = {}
         self.eval_source: dict[str, Any] | None = None
         self.eval_ids: torch.Tensor | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -245,154 +155,17 @@ class _Trainer:
         self.last_checkpoint: Path | None = None
         self.saved_step: int | None = None
         self.step_done = 0
-        # Where this run writes: OUT, or (main rank, `overwrite`) a sibling that replaces OUT at the first
-        # checkpoint. What it was trained on, pinned in every checkpoint; schedule changes on resume.
-        self.run_dir = self.out
-        self.staging: Path | None = None
-        self.inputs: dict[str, Any] = {}
         self.schedule_changes: list[dict[str, Any]] = []
-
-    # --- set-up -------------------------------------------------------------------------------------
-    def _prepare_output(self, resuming: bool) -> None:
-        """Main rank: remove what killed processes left behind, then set up the directory to write into.
-
-        A fresh run writes `config.yaml` now; a resumed one once its checkpoint has been accepted. A fresh
-        run where a non-empty OUT exists (`overwrite`, checked) is built in a hidden sibling instead.
-        """
-        distributed.barrier(self.info)
-        if self.info.is_main:
-            self._clean_stale()
-            try:
-                if not resuming and self.out.is_dir() and any(self.out.iterdir()):
-                    self.out.parent.mkdir(parents=True, exist_ok=True)
-                    prefix = f".{self.out.name}{_STAGING}"
-                    self.staging = Path(tempfile.mkdtemp(prefix=prefix, dir=self.out.parent))
-                    umask = os.umask(0)
-                    os.umask(umask)
-                    self.staging.chmod(0o777 & ~umask)
-                    self.run_dir = self.staging
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                if not resuming:
-                    self.config.to_yaml(self.run_dir / CONFIG_FILE)
-            except OSError as err:
-                raise SemisparseError(
-                    f"cannot write the run directory {self.run_dir} ({err.strerror or type(err).__name__}); "
-                    "choose a writable `output`"
-                ) from err
-        distributed.barrier(self.info)
-
-    def _clean_stale(self) -> None:
-        """Temporary directories of this run that a killed process left: unfinished checkpoints and exports
-        inside OUT, and unfinished `overwrite` runs and swaps beside it."""
-        stale = checkpoint.clean_stale(self.out)
-        patterns = [f".{self.out.name}{_STAGING}*", f".{self.out.name}{_RETIRED}*"]
-        found = (
-            [p for pattern in patterns for p in self.out.parent.glob(pattern)]
-            if self.out.parent.is_dir()
-            else []
-        )
-        if self.out.is_dir():
-            found += [
-                p
-                for pattern in (f".{MODEL_DIR}.tmp-*", f".{MODEL_DIR}.old-*")
-                for p in self.out.glob(pattern)
-            ]
-        for path in found:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-                stale.append(path)
-        if stale:
-            print(
-                f"semisparse: removed {len(stale)} unfinished temporary directories of {self.out}",
-                file=sys.stderr,
-            )
-
-    def _promote(self) -> None:
-        """Main rank, at the first checkpoint of an `overwrite` run: the new run replaces the old one."""
-        staging, out = self.staging, self.out
-        retired = None
-        try:
-            if out.exists():
-                retired = Path(tempfile.mkdtemp(prefix=f".{out.name}{_RETIRED}", dir=out.parent))
-                os.replace(out, retired / out.name)
-            os.replace(staging, out)
-            checkpoint.fsync_path(out.parent)
-        except OSError as err:
-            if retired is not None and (retired / out.name).exists() and not out.exists():
-                os.replace(retired / out.name, out)  # put the old run back
-            self.staging = None  # keep the new run's checkpoint where it is for the user to move
-            raise SemisparseError(
-                f"cannot replace the old run in {out} by the new one in {staging} "
-                f"({err.strerror or type(err).__name__}); move it there by hand, then continue with `resume`"
-            ) from err
-        if retired is not None:
-            shutil.rmtree(retired, ignore_errors=True)
-        self.staging = None
-        self.run_dir = out
-        if self.metrics is not None:
-            self.metrics.path = out / METRICS_FILE
-        if self.last_checkpoint is not None:
-            self.last_checkpoint = out / self.last_checkpoint.relative_to(staging)
-
-    def _discard_staging(self) -> None:
-        if self.staging is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            self.staging = None
-            self.run_dir = self.out
-
-    def _load_inputs(self) -> None:
-        """The corpus as token stream, and the pins of corpus and base model that checkpoints record."""
-        source = resolve_corpus(self.config.corpus)
-        if self.info.is_main:
-            stream, self.corpus_info = load_token_stream(source, self.tokenizer, self.progress)
-            model = checkpoint.model_identity(self.config.model)
-        distributed.barrier(self.info)
-        if not self.info.is_main:
-            stream, self.corpus_info = load_token_stream(source, self.tokenizer, False)
-            model = checkpoint.model_identity(self.config.model)  # hashes cached by the main rank
-        self.sequences = PackedSequences(stream, self.config.seq_len, self.config.seed)
-        corpus = {key: self.corpus_info[key] for key in ("sha256", "tokenizer_key", "tokens")}
-        self.inputs = {"corpus": corpus, "model": model}
-
-    def _load_eval_ids(self) -> torch.Tensor | None:
-        config = self.config
-        if not config.eval_windows:
-            return None
-        text, self.eval_source = evaluation_text(config.eval_corpus)
-        return tokenize_text(self.tokenizer, text)[: config.eval_windows * config.effective_eval_seqlen()]
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        mode = self.config.autocast
-        if mode == "bf16" or (mode == "auto" and self.device.type == "cuda"):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _fingerprint_fields(self) -> dict[str, Any]:
-        fields = {f"config.{k}": v for k, v in self.config.fingerprint_fields().items()}
-        return {**fields, "method": self.method.name, "world_size": self.info.world_size}
+        # Where this run writes: OUT, or (main rank, `overwrite`) a sibling that replaces OUT at the first
+        # checkpoint.
+        self.rundir = RunDirectory(self.out)
 
     # --- evaluation and checkpoints ------------------------------------------------------------------
     def _evaluate(self, step: int) -> dict[str, Any] | None:
         if self.eval_ids is None:
             return None
         with self._autocast():
-            result = perplexity(
-                self.model,
-                self.eval_ids,
-                self.config.effective_eval_seqlen(),
-                self.config.eval_windows,
-                batch_size=self.config.micro_batch,
-                progress=False,
-            )
-        row = {
-            "kind": "eval",
-            "step": step,
-            "tokens": step * self.tokens_per_step,
-            "eval_ppl": result.perplexity,
-            "eval_loss": result.mean_nll,
-            "eval_windows": result.n_windows,
-            "eval_seqlen": result.seqlen,
-        }
+            row = evaluate(self.model, self.eval_ids, self.config, step, step * self.tokens_per_step)
         self.metrics.write(row)
         return row
 
@@ -422,7 +195,7 @@ class _Trainer:
             "schedule_changes": self.schedule_changes,
         }
         meta = {
-            "fields": self._fingerprint_fields(),
+            "fields": fingerprint_fields(self.config, self.method, self.info.world_size),
             "fingerprint": self.config.fingerprint(),
             "inputs": self.inputs,
             "total_steps": self.total,
@@ -430,10 +203,18 @@ class _Trainer:
             "tokens_seen": step * self.tokens_per_step,
         }
         keep = self.config.keep_checkpoints
-        self.last_checkpoint = checkpoint.save_checkpoint(self.run_dir, step, state, meta, keep)
-        if self.staging is not None:
+        self.last_checkpoint = checkpoint.save_checkpoint(self.rundir.path, step, state, meta, keep)
+        if self.rundir.staging is not None:
             self._promote()
         return self.last_checkpoint
+
+    def _promote(self) -> None:
+        """Main rank, at the first checkpoint of an `overwrite` run: the new run replaces the old one."""
+        staging = self.rundir.promote()
+        if self.metrics is not None:
+            self.metrics.path = self.out / METRICS_FILE
+        if self.last_checkpoint is not None:
+            self.last_checkpoint = self.out / self.last_checkpoint.relative_to(staging)
 
     def _lower_lr_advice(self) -> str:
         """What to do about a divergence: continue from the last good checkpoint with a lower lr."""
@@ -447,56 +228,28 @@ class _Trainer:
     def _restore(self, path: Path, allow_schedule_change: bool) -> tuple[int, dict[str, Any] | None]:
         """Load checkpoint `path` into the model, optimizer, schedule, method and RNGs; returns its step
         and, when the schedule changed (`allow_schedule_change`), the event to log."""
-        meta = checkpoint.read_meta(path)
-        schedule = frozenset(f"config.{name}" for name in SCHEDULE_FIELDS)
-        expected = self._fingerprint_fields()
-        changes = checkpoint.check_compatible(path, meta, expected, schedule, allow_schedule_change)
-        checkpoint.check_inputs(path, meta, self.inputs)
-        state = checkpoint.load_state(path, meta)
-        # The schedule this run's config asks for, before the checkpoint's replaces it.
-        fresh_bases = list(self.scheduler.base_lrs)
-        fresh_factors = [dict(vars(factor)) for factor in self.scheduler.lr_lambdas]
-        try:
-            distributed.load_full_state(
-                self.model, self.optimizer, state["model"], state["optimizer"], self.config.fsdp
-            )
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.method.load_state_dict(state["method"])
-            rngs = state["rng"]
-            checkpoint.set_rng_state(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
-        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise SemisparseError(
-                f"checkpoint {path} does not fit this model/method ({first[:120]}); "
-                "start over with `overwrite`"
-            ) from err
-        step = int(state["step"])
-        self.bad_steps = state["bad_steps"]
-        self.skipped_steps = state["skipped_steps"]
-        self.wall_before = state.get("wall_seconds", 0.0)
-        self.schedule_changes = list(state.get("schedule_changes") or [])
+        restored = restore_checkpoint(
+            path,
+            model=self.model,
+            method=self.method,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            expected=fingerprint_fields(self.config, self.method, self.info.world_size),
+            inputs=self.inputs,
+            rank=self.info.rank,
+            fsdp=self.config.fsdp,
+            allow_schedule_change=allow_schedule_change,
+        )
+        self.bad_steps = restored.bad_steps
+        self.skipped_steps = restored.skipped_steps
+        self.wall_before = restored.wall_seconds
+        self.schedule_changes = restored.schedule_changes
         self.last_checkpoint = path
-        self.saved_step = step
-        if not changes:
-            return step, None
-        # Continue the checkpoint's step count on the new schedule: new peak lrs and warm-up/cosine shape.
-        for factor, values in zip(self.scheduler.lr_lambdas, fresh_factors, strict=True):
-            vars(factor).update(values)
-        self.scheduler.base_lrs = fresh_bases
-        epoch = self.scheduler.last_epoch
-        lrs = [
-            base * factor(epoch) for base, factor in zip(fresh_bases, self.scheduler.lr_lambdas, strict=True)
-        ]
-        for group, base, lr in zip(self.optimizer.param_groups, fresh_bases, lrs, strict=True):
-            group["initial_lr"], group["lr"] = base, lr
-        self.scheduler._last_lr = lrs
-        named = {key.removeprefix("config."): value for key, value in changes.items()}
-        event = {"kind": "event", "event": "schedule_change", "step": step, "changes": named}
-        self.schedule_changes.append({"step": step, "changes": named})
-        if self.info.is_main:
-            detail = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in named.items())
+        self.saved_step = restored.step
+        if restored.changes and self.info.is_main:
+            detail = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in restored.changes.items())
             print(f"semisparse: resuming {path} with a new schedule: {detail}", file=sys.stderr)
-        return step, event
+        return restored.step, restored.event()
 
     def _wall(self) -> float:
         return self.wall_before + time.perf_counter() - self.started
@@ -505,22 +258,23 @@ class _Trainer:
     def train(self, resume: str | Path | None, overwrite: bool, allow_schedule_change: bool = False) -> Path:
         config = self.config
         config.check_model(context_length(self.model))
-        found = _check_output(config, resume, overwrite)
+        found = check_output(config, resume, overwrite)
         resume_path = found if resume is not None else None
         self.started = time.perf_counter()
         # Everything that can fail on the inputs fails before the output directory is touched.
-        self._load_inputs()
-        self.eval_ids = self._load_eval_ids()
-        self._prepare_output(resume_path is not None)
+        loaded = load_inputs(config, self.tokenizer, self.info, self.progress)
+        self.sequences, self.corpus_info, self.inputs = loaded.sequences, loaded.corpus_info, loaded.pins
+        self.eval_ids, self.eval_source = load_eval_ids(config, self.tokenizer)
+        self.rundir.prepare(config, self.info, resume_path is not None)
         self.last_checkpoint = resume_path
         try:
             return self._train(resume_path, allow_schedule_change)
         except KeyboardInterrupt as err:  # a second SIGINT/SIGTERM, or one outside the steps
             message = self._abort_message()
-            self._discard_staging()
+            self.rundir.discard()
             raise TrainingInterrupted(message) from err
         except BaseException:
-            self._discard_staging()  # a new run that never checkpointed: the old run stays
+            self.rundir.discard()  # a new run that never checkpointed: the old run stays
             raise
 
     def _train(self, resume_path: Path | None, allow_schedule_change: bool) -> Path:
@@ -543,7 +297,7 @@ class _Trainer:
         if resume_path is not None:
             start, event = self._restore(resume_path, allow_schedule_change)
             if info.is_main:
-                config.to_yaml(self.run_dir / CONFIG_FILE)
+                config.to_yaml(self.rundir.path / CONFIG_FILE)
         else:
             seed = config.seed + info.rank
             random.seed(seed)
@@ -553,7 +307,7 @@ class _Trainer:
         resume_step = start if resume_path is not None else None
         # Resuming the final checkpoint evaluates again: its logged evaluation (if any) is replaced.
         rerun_eval = resume_path is not None and start >= self.total
-        self.metrics = MetricsLog(self.run_dir, info.is_main, config.tensorboard, resume_step, rerun_eval)
+        self.metrics = MetricsLog(self.rundir.path, info.is_main, config.tensorboard, resume_step, rerun_eval)
         try:
             if event is not None:
                 self.metrics.write(event)
@@ -568,7 +322,7 @@ class _Trainer:
         else:
             where = f"aborted after step {self.step_done} of {self.total}"
         if self.last_checkpoint is None:
-            unchanged = f"; the previous run in {self.out} is unchanged" if self.staging is not None else ""
+            unchanged = f"; the previous run in {self.out} is unchanged" if self.rundir.staging else ""
             return f"{where}; no checkpoint was written{unchanged}"
         return (
             f"{where}; the last checkpoint is {self.last_checkpoint}: continue with the same settings "
@@ -579,7 +333,7 @@ class _Trainer:
         config, info = self.config, self.info
         if start == 0 and config.eval_every:
             self._evaluate(0)
-        stop = _StopRequests()
+        stop = StopRequests()
         bar = tqdm(
             total=self.total,
             initial=start,
@@ -676,33 +430,21 @@ class _Trainer:
         )
         return row
 
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        mode = self.config.autocast
+        if mode == "bf16" or (mode == "auto" and self.device.type == "cuda"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     # --- output -------------------------------------------------------------------------------------
     def _export(self, final_eval: dict[str, Any] | None) -> Path:
-        """Rank 0 writes OUT/model via `method.export`. Under FSDP the weights are gathered and loaded into
-        a freshly built, unsharded copy of the method on CPU, which then exports."""
-        target = self.run_dir / MODEL_DIR
+        """Rank 0 writes OUT/model via `method.export` (under FSDP from an unsharded copy on CPU)."""
         self.model.eval()
-        method = self.method
-        if self.config.fsdp:
-            model_state, _ = distributed.full_state(self.model, self.optimizer, sharded=True)
-            method_state = self.method.state_dict()
-            if self.info.is_main:
-                method = self.rebuild()
-                method.model.load_state_dict(model_state)
-                method.load_state_dict(method_state)
-                method.model.eval()
+        method = unsharded_method(self.method, self.optimizer, self.info, self.config.fsdp, self.rebuild)
         if self.info.is_main:
-            with atomic_directory(target, overwrite=False) as tmp:
-                method_meta = dict(method.export(tmp) or {})
-                if not (tmp / "tokenizer_config.json").is_file():
-                    self.tokenizer.save_pretrained(tmp)
-                method_meta.setdefault("method", method.name)
-                method_meta.setdefault("base_model", self.config.model)
-                if method_meta["base_model"] == self.config.model:
-                    method_meta.setdefault("base_model_path", self.inputs["model"]["path"])
-                    method_meta.setdefault("base_model_sha256", self.inputs["model"]["sha256"])
-                metadata = provenance(**method_meta, training=self._training_record(final_eval))
-                (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+            record = functools.partial(self._training_record, final_eval)
+            pin = self.inputs["model"]
+            write_model(self.rundir.path / MODEL_DIR, method, self.tokenizer, self.config.model, pin, record)
         distributed.barrier(self.info)
         return self.out / MODEL_DIR
 
