@@ -6,7 +6,12 @@ use the `tiny_model` / `tiny_tokenizer` fixtures.
 
 from __future__ import annotations
 
+import os
 import string
+
+# Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads spinning against another
+# process make the suite many times slower; subprocesses the tests start inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
@@ -22,6 +27,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ARCHS = ("llama", "qwen2", "mistral", "opt", "gpt2")
 VOCAB_SIZE = 256
