@@ -2,8 +2,10 @@
 non-finite losses fail cleanly without touching the last good checkpoint."""
 
 import json
+import os
 import shutil
 import signal
+import stat
 from pathlib import Path
 
 import pytest
@@ -459,3 +461,19 @@ def test_overwrite_replaces_the_old_run_only_at_the_new_runs_first_checkpoint(se
     run(failing, build(DenseMethod, failing, initialise=False), resume="latest", progress=False)
     assert (out / "model" / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_checkpoints_and_token_caches_get_the_usual_permissions(setup, isolated_cache):  # noqa: F811
+    """mkdtemp/mkstemp make private 0700/0600 entries; a run's files should read like any other output."""
+    tmp_path, model, corpus = setup
+    old = os.umask(0o022)
+    try:
+        config = tiny_config(model, tmp_path / "run", corpus, steps=2, eval_windows=0, checkpoint_every=1)
+        run(config, build(DenseMethod, config), progress=False)
+    finally:
+        os.umask(old)
+    (_, final), *_ = reversed(list_checkpoints(tmp_path / "run"))
+    assert stat.S_IMODE(final.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(path.stat().st_mode) for path in final.iterdir()} == {0o644}
+    cached = [path for path in isolated_cache.rglob("*") if path.is_file()]
+    assert cached and {stat.S_IMODE(path.stat().st_mode) for path in cached} == {0o644}

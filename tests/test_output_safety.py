@@ -231,6 +231,24 @@ def _command(name: str, dense_dir: Path, tmp_path: Path, out: Path) -> list[obje
         "eval": ["eval", dense_dir, "--ppl", tmp_path / "text.txt", "--report-dir", out, "--quiet"],
         "eval-output": ["eval", dense_dir, "--ppl", tmp_path / "text.txt", "--output", out / "rows.json"],
         "run": ["run", _recipe(tmp_path), "--model", dense_dir, "-o", out, "--quiet"],
+        "train": [
+            "train",
+            "dense",
+            dense_dir,
+            "--corpus",
+            tmp_path / "text.txt",
+            "-o",
+            out,
+            "--tokens",
+            "64",
+            "--seq-len",
+            "8",
+            "--micro-batch",
+            "1",
+            "--grad-accum",
+            "1",
+        ],
+        "reconstruct": ["reconstruct", dense_dir, "magnitude", "-o", out, "--quiet"],
     }[name]
 
 
@@ -244,6 +262,8 @@ COMMANDS = [
     "eval",
     "eval-output",
     "run",
+    "train",
+    "reconstruct",
 ]
 
 

@@ -27,6 +27,7 @@ import torch
 
 from semisparse.data import file_sha256
 from semisparse.errors import SemisparseError
+from semisparse.export import usual_mode
 from semisparse.models import cache_dir, resolve_model_path
 
 FORMAT = 1
@@ -85,6 +86,7 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], meta: dict[
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=folder))
+        tmp.chmod(usual_mode(directory=True))  # mkdtemp makes it private
         torch.save(state, tmp / STATE_FILE)
         record = {"format": FORMAT, "step": step, "sha256": file_sha256(tmp / STATE_FILE), **meta}
         (tmp / META_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -391,6 +393,7 @@ def cached_sha256(file: Path) -> str:
         descriptor, name = tempfile.mkstemp(dir=store.parent, prefix=f".{store.name}.")
         with os.fdopen(descriptor, "w") as handle:
             json.dump(entries, handle)
+        os.chmod(name, usual_mode(directory=False))  # mkstemp makes it private
         os.replace(name, store)
     except OSError:  # only a cache: the hash is still right
         if name is not None:

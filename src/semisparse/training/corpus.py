@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from semisparse.data import _iter_jsonl, _iter_texts, data_dir, file_sha256, load_rows
 from semisparse.errors import SemisparseError
+from semisparse.export import usual_mode
 from semisparse.models import cache_dir
 
 SHORTCUTS: dict[str, tuple[str, str]] = {"wikipedia": ("wikipedia-en-sample", "train.jsonl.gz")}
@@ -226,6 +227,7 @@ def _atomic_write(target: Path, write: Any) -> None:
     try:
         with os.fdopen(descriptor, "wb") as handle:
             write(handle)
+        os.chmod(name, usual_mode(directory=False))  # mkstemp makes it private
         os.replace(name, target)
     except BaseException:
         Path(name).unlink(missing_ok=True)

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from semisparse.errors import SemisparseError
-from semisparse.export import METADATA_FILE
+from semisparse.export import METADATA_FILE, check_writable
 from semisparse.training import checkpoint, distributed
 from semisparse.training.config import TrainConfig
 
@@ -65,6 +65,7 @@ def check_output(config: TrainConfig, resume: str | Path | None, overwrite: bool
             raise SemisparseError(
                 f"{out} is not a semisparse run directory; not overwriting it, choose another `output`"
             )
+    check_writable(out, "output")  # before the model and corpus load, not after
     return out
 
 
