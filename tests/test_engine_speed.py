@@ -189,3 +189,29 @@ def test_upper_triangle_accumulation_is_the_full_gram_matrix(cols: int) -> None:
         full.mul_((n - 1) / n).addmm_(x.t(), x)
         assert torch.equal(pruner.hessian, pruner.hessian.t())  # read between batches, then accumulate on
         assert torch.allclose(pruner.hessian, full, rtol=1e-5, atol=1e-4 * full.abs().max().item())
+
+
+@pytest.mark.parametrize(("pattern", "sparsity"), [(NMPattern(2, 4), None), (None, 0.5)])
+def test_layers_sharing_a_hessian_pruned_in_one_sweep_match_separate_sweeps(pattern, sparsity) -> None:
+    """N:M rows are independent given one H⁻¹, so stacking q/k/v-like layers changes no bit; unstructured
+    sparsity ranks whole column blocks, so there each layer keeps its own sweep (also no change)."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(32, rows, bias=False) for rows in (32, 8, 8)]
+    x = torch.randn(4, 64, 32) @ torch.randn(32, 32)
+
+    def pruners(modules: list[nn.Linear]) -> list[SparseGPTPruner]:
+        made = [SparseGPTPruner(module, pattern, sparsity, blocksize=16) for module in modules]
+        made[0].add_batch(x)
+        for follower in made[1:]:
+            follower.adopt_statistics(made[0])
+        return made
+
+    copies = [nn.Linear(32, layer.out_features, bias=False) for layer in layers]
+    for copy, layer in zip(copies, layers, strict=True):
+        copy.weight.data.copy_(layer.weight.data)
+    leader, *followers = pruners(layers)
+    leader.prune_together(followers)
+    for pruner in pruners(copies):
+        pruner.prune()
+    for layer, copy in zip(layers, copies, strict=True):
+        assert torch.equal(layer.weight, copy.weight)

@@ -531,11 +531,21 @@ def _calibrate_and_prune(
         times.statistics += state["statistics"]
         times.feed_forwards += now() - begin - state["statistics"]
     begin = now()
+    followers: dict[str, list[str]] = {}
     for follower, leader in sharing.leader.items():
         while leader in sharing.leader:
             leader = sharing.leader[leader]
         pruners[follower].adopt_statistics(pruners[leader])  # type: ignore[attr-defined]
+        followers.setdefault(leader, []).append(follower)
     times.shared_statistics += len(sharing.leader)
     for name in list(pruners):
-        pruners.pop(name).prune()
+        pruner = pruners.get(name)
+        together = getattr(pruner, "prune_together", None)
+        if pruner is None or (together is not None and name in sharing.leader):
+            continue  # pruned in its leader's sweep
+        del pruners[name]
+        if together is not None and name in followers:
+            together([pruners.pop(follower) for follower in followers[name]])
+        else:
+            pruner.prune()
     times.layer_updates += now() - begin

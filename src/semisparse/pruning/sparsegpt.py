@@ -180,18 +180,45 @@ class SparseGPTPruner:
         """Use `leader`'s Hessian: the engine saw this layer receive the very same inputs (e.g. q/k/v)."""
         self.hessian, self.n_samples = leader.hessian, leader.n_samples
 
-    @torch.no_grad()
-    def prune(self) -> None:
+    def _check_inputs_seen(self) -> None:
+        """A layer the model never called has an all-zero Hessian: pruning it would be meaningless."""
         if self.n_samples == 0:
             raise SemisparseError(
                 f"SparseGPT saw no inputs for {self.name}: the model never calls it, "
                 "leave it out with `exclude`"
             )
+
+    @torch.no_grad()
+    def prune(self) -> None:
+        self._check_inputs_seen()
         weight = weight_matrix(self.module)
         pruned = sparsegpt_prune_weight(
             weight, self.hessian, self.pattern, self.sparsity, self.blocksize, self.percdamp, self.name
         )
         set_weight_matrix(self.module, pruned.to(weight.dtype))
+
+    @torch.no_grad()
+    def prune_together(self, followers: list[SparseGPTPruner]) -> None:
+        """Prune this layer and `followers` (which adopted its Hessian) in one column sweep of their
+        stacked rows: with one `H⁻¹` and an N:M pattern every row is pruned independently, so the result is
+        the same as separate sweeps, at the per-column overhead of one. Unstructured sparsity ranks a whole
+        column block across rows, so there each layer keeps its own sweep."""
+        if self.pattern is None or not followers:
+            for pruner in (self, *followers):
+                pruner.prune()
+            return
+        self._check_inputs_seen()
+        members = [self, *followers]
+        weights = [weight_matrix(pruner.module) for pruner in members]
+        stacked = torch.cat([weight.to(torch.float32) for weight in weights])
+        names = ", ".join(pruner.name for pruner in members)
+        pruned = sparsegpt_prune_weight(
+            stacked, self.hessian, self.pattern, None, self.blocksize, self.percdamp, names
+        )
+        for pruner, weight, rows in zip(
+            members, weights, pruned.split([w.shape[0] for w in weights]), strict=True
+        ):
+            set_weight_matrix(pruner.module, rows.to(weight.dtype))
 
 
 @dataclass
