@@ -190,6 +190,7 @@ def main() -> None:
     args.settings = dict(item.split("=", 1) for item in args.assignments)
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)  # so the record's machine line names the commands' threads
     args.threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads())
 
     plan = row_plan([method for method in args.methods.split(",") if method])

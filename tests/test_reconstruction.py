@@ -25,7 +25,7 @@ from semisparse.export import read_metadata
 from semisparse.jobs.reconstruct import METRICS_FILE, reconstruct_to_dir, work_dir
 from semisparse.jobs.train_stage import TrainStageConfig, chained_inputs
 from semisparse.maskfiles import MASKS_FILE, load_masks, masks_from_model, save_masks, target_shapes
-from semisparse.models import load_model
+from semisparse.models import load_model, weights_sha256
 from semisparse.modules import decoder_blocks, find_targets, weight_matrix
 from semisparse.pruning import MagnitudeConfig, prune
 from semisparse.pruning.engine import _calibration_mode, _capture_block_inputs
@@ -187,6 +187,7 @@ def test_output_is_a_pruned_model_directory_with_provenance(tmp_path, dense_dir,
     assert saved["block_loss_after"] < saved["block_loss_before"]
     assert {"seconds", "units", "block_loss_before"} <= set(saved["blocks"][0])
     assert saved["peak_memory_bytes"]["process_rss"] > 0
+    assert saved["base_model_sha256"] == weights_sha256(dense_dir)
     lines = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
     assert [line["block"] for line in lines] == [0, 1]
     masks = load_masks(out / MASKS_FILE, target_shapes(model, PATTERN))  # a MaskLLM prior_mask

@@ -43,6 +43,8 @@ from semisparse.export import (
     provenance,
     read_metadata,
     save_model_dir,
+    usual_mode,
+    writes_output,
 )
 from semisparse.jobs.base import Stage, StageConfig
 from semisparse.maskfiles import (
@@ -53,7 +55,7 @@ from semisparse.maskfiles import (
     save_masks,
     target_shapes,
 )
-from semisparse.models import load_model, load_tokenizer
+from semisparse.models import load_model, load_tokenizer, model_provenance
 from semisparse.modules import find_targets, layer_filter, weight_matrix
 from semisparse.nm import NMPattern
 from semisparse.pruning import prune, pruner_config
@@ -82,6 +84,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
+        os.chmod(tmp, usual_mode(directory=False))  # mkstemp makes it private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -190,6 +193,7 @@ def _check_resumable(state: dict[str, Any], identity: dict[str, Any], work: Path
         )
 
 
+@writes_output(refuse_existing=False)
 def reconstruct_to_dir(
     model_name: str,
     pruned: str,
@@ -283,6 +287,7 @@ def reconstruct_to_dir(
             }
             tmp = work / f".{_block_file(index)}.tmp"
             save_file(tensors, str(tmp))
+            tmp.chmod(usual_mode(directory=False))  # safetensors writes it private
             os.replace(tmp, work / _block_file(index))
             state["blocks"].append(report)
             state["seconds"] = round(state["seconds"] + report["seconds"], 3)
@@ -303,7 +308,7 @@ def reconstruct_to_dir(
     blocks = state["blocks"]
     per_layer = {layer.name: layer.sparsity for layer in report.layers}
     metadata = provenance(
-        base_model=model_name,
+        **model_provenance(model_name),
         method="reconstruct",
         pattern=str(pattern),
         sparsity=None,
