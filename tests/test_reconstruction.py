@@ -30,7 +30,8 @@ from semisparse.modules import decoder_blocks, find_targets, weight_matrix
 from semisparse.pruning import MagnitudeConfig, prune
 from semisparse.pruning.engine import _calibration_mode, _capture_block_inputs
 from semisparse.reconstruction import ReconstructConfig, reconstruct
-from semisparse.reconstruction.core import BlockState, Reconstructor, units_of
+from semisparse.reconstruction.core import Reconstructor
+from semisparse.reconstruction.units import BlockState, units_of
 
 PATTERN = nm.parse_pattern("2:4")
 FAST = {"epochs": 2, "batch_size": 4, "lr": 1e-3, "nsamples": 8, "seqlen": 32}

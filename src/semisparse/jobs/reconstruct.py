@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from semisparse import nm, registry
+from semisparse import registry
 from semisparse.calibration import load_calibration
 from semisparse.data import file_sha256
 from semisparse.errors import SemisparseError
@@ -47,6 +47,7 @@ from semisparse.export import (
     writes_output,
 )
 from semisparse.jobs.base import Stage, StageConfig
+from semisparse.jobs.reconstruct_inputs import check_fits, pruned_kind, resolve_pattern
 from semisparse.maskfiles import (
     MASKS_FILE,
     apply_masks,
@@ -56,7 +57,7 @@ from semisparse.maskfiles import (
     target_shapes,
 )
 from semisparse.models import load_model, load_tokenizer, model_provenance
-from semisparse.modules import find_targets, layer_filter, weight_matrix
+from semisparse.modules import find_targets, layer_filter
 from semisparse.nm import NMPattern
 from semisparse.pruning import prune, pruner_config
 from semisparse.reconstruction.config import ReconstructConfig
@@ -93,81 +94,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def _metrics_lines(blocks: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(block) + "\n" for block in blocks)
-
-
-def _pruned_kind(pruned: str) -> str:
-    """`model`, `masks` or `pruner`: what the PRUNED argument names."""
-    path = Path(pruned).expanduser()
-    if path.is_dir():
-        return "model"
-    if path.is_file():
-        if path.name.lower().endswith(".npz"):
-            return "masks"
-        raise SemisparseError(
-            f"`pruned` {pruned} is a file but not a .npz mask file: pass a pruned model directory, "
-            "a mask file or a pruner"
-        )
-    if pruned in registry.names("pruner"):
-        return "pruner"
-    raise SemisparseError(
-        f"`pruned` '{pruned}' is neither a pruned model directory, a .npz mask file nor a registered pruner "
-        f"({', '.join(registry.names('pruner'))})"
-    )
-
-
-def _resolve_pattern(config: ReconstructConfig, kind: str, pruned: str) -> tuple[NMPattern, list, list]:
-    """The N:M pattern and layer globs: the config's, else those the pruned directory was saved with."""
-    include, exclude = list(config.include), list(config.exclude)
-    pattern = config.pattern
-    if kind == "model":
-        meta = read_metadata(pruned) or {}
-        saved = meta.get("pattern")
-        if saved is None and meta.get("sparsity") is not None:
-            raise SemisparseError(
-                f"{pruned} was pruned to unstructured {meta['sparsity']:.0%} sparsity; reconstruct needs an "
-                "N:M pattern: prune with `pattern` (e.g. 2:4)"
-            )
-        if saved is not None and pattern is not None and str(nm.parse_pattern(saved)) != pattern:
-            raise SemisparseError(
-                f"{pruned} was pruned to {saved}, not {pattern}: drop `pattern` or pass {saved}"
-            )
-        pattern = pattern or saved
-        if not include and not exclude:
-            include, exclude = list(meta.get("include", ())), list(meta.get("exclude", ()))
-    return nm.parse_pattern(pattern or "2:4"), include, exclude
-
-
-def _check_fits(
-    dense: nn.Module, sparse: nn.Module, targets: list[str], pruned: str, model: str, pattern: NMPattern
-) -> None:
-    """A pruned model must have MODEL's targets with the same shapes, each following the pattern."""
-    if type(dense) is not type(sparse):
-        raise SemisparseError(
-            f"{pruned} is a {type(sparse).__name__}, {model} a {type(dense).__name__}: "
-            "pass the model it was pruned from"
-        )
-    for name in targets:
-        try:
-            module = sparse.get_submodule(name)
-        except AttributeError:
-            raise SemisparseError(
-                f"{pruned} has no layer {name}, which {model} has: pass the model it was pruned from"
-            ) from None
-        want = tuple(weight_matrix(dense.get_submodule(name)).shape)
-        try:
-            got = tuple(weight_matrix(module).shape)
-        except TypeError:
-            got = None
-        if got != want:
-            raise SemisparseError(
-                f"layer {name} of {pruned} has shape {got}, {model}'s {want}: "
-                "pass the model it was pruned from"
-            )
-        if not nm.is_nm(weight_matrix(module).detach(), pattern.n, pattern.m):
-            raise SemisparseError(
-                f"layer {name} of {pruned} is not {pattern} sparse: prune it to {pattern} first, "
-                "or pass its own `pattern`"
-            )
 
 
 def _load_state(work: Path) -> dict[str, Any] | None:
@@ -222,8 +148,8 @@ def reconstruct_to_dir(
             "or `overwrite` to start over"
         )
     ensure_output_available(out, overwrite or (resume and finished is not None))
-    kind = _pruned_kind(pruned)
-    pattern, include, exclude = _resolve_pattern(config, kind, pruned)
+    kind = pruned_kind(pruned)
+    pattern, include, exclude = resolve_pattern(config, kind, pruned)
     device = config.device or default_device()
     filter_fn = layer_filter(include, exclude)
 
@@ -236,7 +162,7 @@ def reconstruct_to_dir(
     sparse: nn.Module | None = None
     if kind == "model":
         sparse = load_model(pruned)
-        _check_fits(dense, sparse, targets, pruned, model_name, pattern)
+        check_fits(dense, sparse, targets, pruned, model_name, pattern)
         meta = read_metadata(pruned) or {}
         start.update(path=str(Path(pruned).expanduser().resolve()), method=meta.get("method"))
     elif kind == "masks":

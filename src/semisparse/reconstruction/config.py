@@ -51,7 +51,7 @@ class ReconstructConfig(Settings):
     )
     epochs: int = setting(4, "passes over the calibration windows per reconstructed unit", minimum=1)
     batch_size: int = setting(4, "calibration windows per optimizer step", minimum=1)
-    lr: float = setting(1e-4, "peak AdamW learning rate of the kept weights", above=0)
+    lr: float = setting(3e-3, "peak AdamW learning rate of the kept weights", above=0)
     weight_decay: float = setting(0.0, "AdamW decoupled weight decay of the kept weights", minimum=0)
     warmup: float = setting(0.1, "fraction of each unit's steps spent warming up the lr", minimum=0)
     min_lr_ratio: float = setting(0.1, "cosine decay ends at this fraction of the peak lr", minimum=0)

@@ -30,7 +30,6 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,128 +52,23 @@ from semisparse.pruning.engine import (
     _first_device,
     _targets_by_block,
 )
-from semisparse.reconstruction.blocks import Call, SubBlock, partial_forward, run_sub_block, sub_blocks
+from semisparse.reconstruction.blocks import Call, partial_forward, run_sub_block, sub_blocks
 from semisparse.reconstruction.config import ReconstructConfig
+from semisparse.reconstruction.units import (
+    Activations,
+    BlockCallback,
+    BlockState,
+    LossStats,
+    Unit,
+    batches,
+    block_rng,
+    block_seed,
+    per_window,
+    store_rows,
+    units_of,
+)
 from semisparse.training.optim import adamw
 from semisparse.training.schedule import WarmupCosine
-
-BlockCallback = Callable[[int, nn.Module, dict[str, Any]], None]
-
-
-@dataclass
-class Unit:
-    """One reconstructed piece of a block: `kind` attn / mlp (with its sub-block), block or linear."""
-
-    name: str
-    kind: str
-    layers: list[str]
-    sub: SubBlock | None = None
-
-
-@dataclass
-class _Stats:
-    """Streaming normalised MSE: Σ(y − t)² / (count · var(t)), accumulated in float64."""
-
-    sse: float = 0.0
-    total: float = 0.0
-    squares: float = 0.0
-    count: int = 0
-
-    def add(self, output: Tensor, target: Tensor) -> None:
-        self.sse += float((output.double() - target.double()).square().sum())
-        self.observe(target)
-
-    def observe(self, target: Tensor) -> None:
-        """Count a target towards the variance only."""
-        self.total += float(target.double().sum())
-        self.squares += float(target.double().square().sum())
-        self.count += target.numel()
-
-    @property
-    def variance(self) -> float:
-        mean = self.total / max(self.count, 1)
-        return max(self.squares / max(self.count, 1) - mean * mean, 1e-12)
-
-    @property
-    def loss(self) -> float:
-        return self.sse / max(self.count, 1) / self.variance
-
-
-@dataclass
-class _Activations:
-    """A unit's inputs and targets over all windows, [n, ...] each, and the targets' variance."""
-
-    inputs: Tensor
-    targets: Tensor
-    variance: float
-    call: Call | None = None
-
-
-@dataclass
-class BlockState:
-    """The pieces of one block's reconstruction that every unit reads."""
-
-    index: int
-    dense: nn.Module
-    sparse: nn.Module
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    hidden: Tensor
-    masks: dict[str, Tensor] = field(default_factory=dict)  # layer -> kept mask, parameter layout
-
-
-def _batches(n: int, size: int) -> list[slice]:
-    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
-
-
-def _block_seed(seed: int, index: int) -> int:
-    return (seed * 1_000_003 + index) % 2**63
-
-
-@contextmanager
-def _block_rng(device: torch.device | None, seed: int) -> Iterator[None]:
-    """The global RNG (Gumbel noise) seeded for one block, and the caller's RNG state back afterwards."""
-    cuda = (
-        [device.index if device.index is not None else torch.cuda.current_device()]
-        if (device is not None and device.type == "cuda")
-        else []
-    )
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        yield
-
-
-def _store(buffer: Tensor | None, n: int, start: int, value: Tensor) -> Tensor:
-    """Write `value` [b, ...] at rows start.. of a buffer [n, ...], allocating it on the first call."""
-    if buffer is None:
-        buffer = value.new_empty((n, *value.shape[1:]))
-    buffer[start : start + value.shape[0]] = value
-    return buffer
-
-
-def _per_window(value: Tensor, windows: int) -> Tensor:
-    """[b·T, d] (OPT flattens the batch before its MLP) or [b, T, d] as [b, T, d]."""
-    return value.reshape(windows, -1, value.shape[-1])
-
-
-def units_of(block: nn.Module, layers: Sequence[str], granularity: str) -> list[Unit]:
-    if granularity == "block":
-        return [Unit("block", "block", list(layers))]
-    if granularity == "linear":
-        return [Unit(name, "linear", [name]) for name in layers]
-    attention, mlp = sub_blocks(block)
-    stray = [name for name in layers if not attention.owns(name) and not mlp.owns(name)]
-    if stray:
-        raise SemisparseError(
-            f"layer {stray[0]} of a {type(block).__name__} is in neither its attention ({attention.entry}) "
-            f"nor its MLP ({mlp.entry}): leave it out with `exclude`, or use `granularity` block or linear"
-        )
-    units = []
-    for sub in (attention, mlp):
-        owned = [name for name in layers if sub.owns(name)]
-        if owned:
-            units.append(Unit(sub.name, sub.name, owned, sub))
-    return units
 
 
 class Reconstructor:
@@ -270,15 +164,15 @@ class Reconstructor:
         self, block: nn.Module, hidden: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         """The stream through one block, in place, in the batches of `_block_loss` (so bit-identical)."""
-        for rows in _batches(hidden.shape[0], self.config.batch_size):
+        for rows in batches(hidden.shape[0], self.config.batch_size):
             hidden[rows] = self._forward(block, hidden[rows], args, kwargs)
 
     def _block_loss(self, state: BlockState, advance: bool) -> float:
         """Normalised MSE of the sparse block's output against the dense block's, on the stream's inputs;
         with `advance`, the stream moves on to the next block (from the same outputs)."""
-        stats = _Stats()
+        stats = LossStats()
         with torch.no_grad():
-            for rows in _batches(state.hidden.shape[0], self.config.batch_size):
+            for rows in batches(state.hidden.shape[0], self.config.batch_size):
                 x = state.hidden[rows]
                 sparse = self._forward(state.sparse, x, state.args, state.kwargs)
                 dense = self._forward(state.dense, x, state.args, state.kwargs)
@@ -300,7 +194,7 @@ class Reconstructor:
         units = {}
         changed, total = 0, 0
         try:
-            with _block_rng(self.device, _block_seed(config.seed, state.index)):
+            with block_rng(self.device, block_seed(config.seed, state.index)):
                 for unit in units_of(state.sparse, layers, config.granularity):
                     units[unit.name], flips = self._unit(state, unit)
                     changed += flips
@@ -324,16 +218,16 @@ class Reconstructor:
         return report
 
     # --- one unit --------------------------------------------------------------------------------------
-    def collect(self, state: BlockState, unit: Unit) -> _Activations:
+    def collect(self, state: BlockState, unit: Unit) -> Activations:
         """Inputs and targets of a unit over all windows, in batches of `batch_size`."""
         n = state.hidden.shape[0]
         inputs: Tensor | None = None
         targets: Tensor | None = None
         call: Call | None = None
-        stats = _Stats()
+        stats = LossStats()
         source = state.sparse if self.config.inputs == "sparse" else state.dense
         with torch.no_grad():
-            for rows in _batches(n, self.config.batch_size):
+            for rows in batches(n, self.config.batch_size):
                 x = state.hidden[rows].to(_first_device(state.sparse) or state.hidden.device)
                 windows = x.shape[0]
                 if unit.kind == "block":
@@ -363,14 +257,14 @@ class Reconstructor:
                     tgt, _ = partial_forward(
                         state.dense, x, state.args, state.kwargs, output_of=unit.sub.exit, replace=swap
                     )
-                inp, tgt = _per_window(inp, windows), _per_window(tgt, windows)
+                inp, tgt = per_window(inp, windows), per_window(tgt, windows)
                 stats.observe(tgt)
-                inputs = _store(inputs, n, rows.start, inp)
-                targets = _store(targets, n, rows.start, tgt)
+                inputs = store_rows(inputs, n, rows.start, inp)
+                targets = store_rows(targets, n, rows.start, tgt)
         assert inputs is not None and targets is not None
-        return _Activations(inputs, targets, stats.variance, call if unit.kind in ("attn", "mlp") else None)
+        return Activations(inputs, targets, stats.variance, call if unit.kind in ("attn", "mlp") else None)
 
-    def _unit_forward(self, state: BlockState, unit: Unit, acts: _Activations) -> Callable[[Tensor], Tensor]:
+    def _unit_forward(self, state: BlockState, unit: Unit, acts: Activations) -> Callable[[Tensor], Tensor]:
         block = state.sparse
         if unit.kind == "block":
             return lambda x: _block_output(block(x, *state.args, **state.kwargs))
@@ -380,10 +274,10 @@ class Reconstructor:
         sub = unit.sub
         return lambda x: run_sub_block(block, sub, x, acts.call)
 
-    def _loss(self, forward: Callable[[Tensor], Tensor], acts: _Activations) -> float:
+    def _loss(self, forward: Callable[[Tensor], Tensor], acts: Activations) -> float:
         total = 0.0
         with torch.no_grad():
-            for rows in _batches(acts.inputs.shape[0], self.config.batch_size):
+            for rows in batches(acts.inputs.shape[0], self.config.batch_size):
                 output = forward(acts.inputs[rows])
                 total += float((output.double() - acts.targets[rows].double()).square().sum())
         return total / acts.targets.numel() / acts.variance
@@ -427,7 +321,7 @@ class Reconstructor:
         and the logits start from the pruned mask with strength `alpha`."""
         generator_device = _first_device(state.sparse) or torch.device("cpu")
         generator = torch.Generator(device=generator_device).manual_seed(
-            _block_seed(self.config.seed, state.index)
+            block_seed(self.config.seed, state.index)
         )
         layers = {}
         for name in unit.layers:
@@ -454,7 +348,7 @@ class Reconstructor:
         state: BlockState,
         unit: Unit,
         forward: Callable[[Tensor], Tensor],
-        acts: _Activations,
+        acts: Activations,
         steps: int,
         learnable: Mapping[str, LearnableMaskLinear],
     ) -> float:
@@ -485,7 +379,7 @@ class Reconstructor:
         optimizer = adamw(groups, betas=(0.9, 0.95), eps=1e-8)
         schedule = WarmupCosine(steps, int(config.warmup * steps), config.min_lr_ratio)
         peaks = [group["lr"] for group in optimizer.param_groups]
-        generator = torch.Generator().manual_seed(_block_seed(config.seed, state.index))
+        generator = torch.Generator().manual_seed(block_seed(config.seed, state.index))
         n = acts.inputs.shape[0]
         order: list[Tensor] = []
         recent: list[float] = []
