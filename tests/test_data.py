@@ -241,6 +241,7 @@ def test_calibration_windows_come_from_the_document_stream(
         "seed": 0,
         "documents": len(DOCS),
         "stream_tokens": len(stream),
+        "bos": False,
     }
 
 

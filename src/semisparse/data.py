@@ -253,6 +253,17 @@ def _token_stream(tokenizer: Any, texts: Iterable[str], budget: int) -> tuple[to
     return torch.tensor(list(itertools.chain.from_iterable(pieces)), dtype=torch.long), len(pieces)
 
 
+def window_bos(tokenizer: Any) -> int | None:
+    """The BOS id that every perplexity and calibration window must start with: the tokenizer's, when it
+    puts one before a text (Gemma's does, and Gemma needs it); None when it adds none (SmolLM2, GPT-2, OPT's
+    own BOS handling aside), which leaves those windows exactly as before."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
 def calibration_ids(
     tokenizer: Any, source: str = "c4", n_samples: int = 128, seqlen: int = 2048, seed: int = 0
 ) -> tuple[torch.LongTensor, dict[str, Any]]:
@@ -260,7 +271,8 @@ def calibration_ids(
 
     The papers draw each window from a random C4 document longer than the window; our C4 mirror has few
     such documents, so windows start at random offsets of the concatenated document stream instead.
-    Returns ids [n_samples, seqlen] and a provenance dict (source, files with sha256, sizes, seed).
+    Returns ids [n_samples, seqlen] and a provenance dict (source, files with sha256, sizes, seed). With a
+    tokenizer that adds a BOS (`window_bos`), each window is BOS + `seqlen` − 1 tokens of the stream.
     """
     if n_samples < 1 or seqlen < 1:
         raise SemisparseError(
@@ -277,9 +289,13 @@ def calibration_ids(
             f"calibration set too small: {len(stream)} tokens for windows of {seqlen}; "
             "use more data or a smaller `seqlen`"
         )
+    bos = window_bos(tokenizer) if seqlen > 1 else None
+    width = seqlen - 1 if bos is not None else seqlen
     rng = random.Random(seed)
-    starts = torch.tensor([rng.randint(0, len(stream) - seqlen - 1) for _ in range(n_samples)])
-    ids = stream[starts[:, None] + torch.arange(seqlen)]
+    starts = torch.tensor([rng.randint(0, len(stream) - width - 1) for _ in range(n_samples)])
+    ids = stream[starts[:, None] + torch.arange(width)]
+    if bos is not None:
+        ids = torch.cat([ids.new_full((n_samples, 1), bos), ids], dim=1)
     provenance = {
         "source": source,
         "files": {recorded: file_sha256(file)},
@@ -288,5 +304,6 @@ def calibration_ids(
         "seed": seed,
         "documents": documents,
         "stream_tokens": len(stream),
+        "bos": bos is not None,
     }
     return ids, provenance

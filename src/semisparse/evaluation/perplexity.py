@@ -2,7 +2,9 @@
 
 The token stream is cut into non-overlapping windows of `seqlen` tokens (the remainder is dropped); each
 window's loss is the mean next-token cross-entropy inside it, and perplexity is exp of the mean over
-windows. No window sees context from the previous one.
+windows. No window sees context from the previous one. For a model whose tokenizer adds a BOS token
+(Gemma; see `semisparse.data.window_bos`) every window is BOS + `seqlen` − 1 text tokens, as each document
+starts in training: Gemma-3-270M's WikiText-2 window 2 measured 30.2 without it and 19.7 with it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class PerplexityResult:
     total_windows: int
     seqlen: int
     n_tokens: int  # tokens in the evaluated windows: n_windows * seqlen
+    bos: bool = False  # every window started with the BOS token
 
 
 def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.LongTensor:
@@ -45,13 +48,18 @@ def perplexity(
     max_windows: int | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    bos_token_id: int | None = None,
 ) -> PerplexityResult:
     """Perplexity of a causal LM over the first `max_windows` (default all) windows of `seqlen` tokens.
 
     `seqlen` defaults to min(2048, the model's context length). The loss is computed in float32 from
-    one batch of logits at a time, with the model temporarily in eval mode (dropout off).
+    one batch of logits at a time, with the model temporarily in eval mode (dropout off). With
+    `bos_token_id` (`semisparse.data.window_bos(tokenizer)`) a leading BOS of the stream is dropped and each
+    window is that BOS followed by `seqlen` − 1 text tokens, all of which are scored.
     """
     stream = _as_stream(input_ids)
+    if bos_token_id is not None and stream.numel() and int(stream[0]) == bos_token_id:
+        stream = stream[1:]
     context = context_length(model)
     if seqlen is None:
         seqlen = min(DEFAULT_MAX_SEQLEN, context)
@@ -70,14 +78,17 @@ def perplexity(
         raise SemisparseError(
             f"`max_windows`={max_windows} is invalid: use 1 or more (or leave it unset for all)"
         )
-    total_windows = stream.numel() // seqlen
+    text_tokens = seqlen - 1 if bos_token_id is not None else seqlen
+    total_windows = stream.numel() // text_tokens
     if total_windows == 0:
         raise SemisparseError(
             f"the token stream has {stream.numel()} tokens, fewer than one window of {seqlen}; "
             "use a longer text or a smaller `seqlen`"
         )
     n_windows = total_windows if max_windows is None else min(max_windows, total_windows)
-    windows = stream[: n_windows * seqlen].view(n_windows, seqlen)
+    windows = stream[: n_windows * text_tokens].view(n_windows, text_tokens)
+    if bos_token_id is not None:
+        windows = torch.cat([windows.new_full((n_windows, 1), bos_token_id), windows], dim=1)
 
     device = next(model.parameters()).device
     was_training = model.training
@@ -103,6 +114,7 @@ def perplexity(
         total_windows=total_windows,
         seqlen=seqlen,
         n_tokens=n_windows * seqlen,
+        bos=bos_token_id is not None,
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from semisparse.data import WIKITEXT2, data_dir, evaluation_text, file_sha256, mirror_file
+from semisparse.data import WIKITEXT2, data_dir, evaluation_text, file_sha256, mirror_file, window_bos
 from semisparse.errors import SemisparseError
 from semisparse.evaluation.comparison import build_report, training_curve, write_report
 from semisparse.evaluation.perplexity import perplexity, tokenize_text
@@ -127,7 +127,9 @@ def perplexity_row(
     """Perplexity of one loaded model on `text`, as one row of `evaluate_perplexity`."""
     ids = tokenize_text(tokenizer, text)
     with measured(device) as cost:
-        result = perplexity(model, ids, seqlen, max_windows, batch_size, progress)
+        result = perplexity(
+            model, ids, seqlen, max_windows, batch_size, progress, bos_token_id=window_bos(tokenizer)
+        )
     meta = read_metadata(name) if Path(name).expanduser().is_dir() else None
     return {
         "model": name,
@@ -137,6 +139,7 @@ def perplexity_row(
         "windows": result.n_windows,
         "total_windows": result.total_windows,
         "seqlen": result.seqlen,
+        "bos": result.bos,
         "eval_seconds": round(cost.seconds, 2),
         **source,
     }
