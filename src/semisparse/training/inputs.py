@@ -51,9 +51,15 @@ def load_eval_ids(config: TrainConfig, tokenizer: Any) -> tuple[torch.Tensor | N
 
 
 def evaluate(
-    model: torch.nn.Module, eval_ids: torch.Tensor, config: TrainConfig, step: int, tokens: int
+    model: torch.nn.Module,
+    eval_ids: torch.Tensor,
+    config: TrainConfig,
+    step: int,
+    tokens: int,
+    bos_token_id: int | None = None,
 ) -> dict:
-    """Perplexity on the evaluation windows after `step` steps (`tokens` trained), as a metrics row."""
+    """Perplexity on the evaluation windows after `step` steps (`tokens` trained), as a metrics row; each
+    window starts with `bos_token_id` when the tokenizer adds one (`semisparse.data.window_bos`)."""
     result = perplexity(
         model,
         eval_ids,
@@ -61,6 +67,7 @@ def evaluate(
         config.eval_windows,
         batch_size=config.micro_batch,
         progress=False,
+        bos_token_id=bos_token_id,
     )
     return {
         "kind": "eval",

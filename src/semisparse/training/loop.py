@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from semisparse.data import window_bos
 from semisparse.errors import SemisparseError
 from semisparse.models import load_tokenizer
 from semisparse.modules import context_length
@@ -143,6 +144,7 @@ class _Trainer:
         self.inputs: dict[str, Any] = {}
         self.eval_source: dict[str, Any] | None = None
         self.eval_ids: torch.Tensor | None = None
+        self.eval_bos: int | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.params: list[torch.Tensor] = []
@@ -165,7 +167,8 @@ class _Trainer:
         if self.eval_ids is None:
             return None
         with self._autocast():
-            row = evaluate(self.model, self.eval_ids, self.config, step, step * self.tokens_per_step)
+            tokens = step * self.tokens_per_step
+            row = evaluate(self.model, self.eval_ids, self.config, step, tokens, self.eval_bos)
         self.metrics.write(row)
         return row
 
@@ -265,6 +268,7 @@ class _Trainer:
         loaded = load_inputs(config, self.tokenizer, self.info, self.progress)
         self.sequences, self.corpus_info, self.inputs = loaded.sequences, loaded.corpus_info, loaded.pins
         self.eval_ids, self.eval_source = load_eval_ids(config, self.tokenizer)
+        self.eval_bos = window_bos(self.tokenizer)
         self.rundir.prepare(config, self.info, resume_path is not None)
         self.last_checkpoint = resume_path
         try:
