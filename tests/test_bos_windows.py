@@ -83,3 +83,19 @@ def test_without_bos_the_windows_are_unchanged() -> None:
     result = perplexity(model, text, seqlen=8, progress=False)
     assert (result.n_windows, result.bos) == (6, False)
     assert result.perplexity == pytest.approx(manual_perplexity(model, text[:48].view(6, 8)), rel=1e-6)
+
+
+def test_training_evaluation_windows_start_with_bos_too(tmp_path: Path) -> None:
+    """The evaluation rows of `semisparse train` measure what `semisparse eval` measures."""
+    from train_helpers import tiny_config, write_corpus
+
+    from semisparse.training.inputs import evaluate
+
+    model = make_tiny_model("llama")
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    config = tiny_config("m", tmp_path / "out", corpus, eval_windows=3, eval_seqlen=8)
+    text = torch.randint(3, VOCAB_SIZE, (30,), generator=torch.Generator().manual_seed(1))
+    row = evaluate(model, torch.cat([torch.tensor([BOS]), text]), config, 5, 640, bos_token_id=BOS)
+    windows = torch.cat([torch.full((3, 1), BOS), text[:21].view(3, 7)], dim=1)
+    assert (row["eval_windows"], row["step"], row["tokens"]) == (3, 5, 640)
+    assert row["eval_ppl"] == pytest.approx(manual_perplexity(model, windows), rel=1e-6)
