@@ -215,3 +215,21 @@ def test_layers_sharing_a_hessian_pruned_in_one_sweep_match_separate_sweeps(patt
         pruner.prune()
     for layer, copy in zip(layers, copies, strict=True):
         assert torch.equal(layer.weight, copy.weight)
+
+
+@pytest.mark.parametrize("path", ["syrk", "blocks"])
+def test_both_gram_paths_update_the_upper_triangle(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from semisparse.pruning import gram
+
+    if path == "blocks":
+        monkeypatch.setattr(gram, "_syrk_upper", lambda *args: False)
+    else:
+        assert gram._cpu_blas() is not None, "scipy's BLAS is a dependency: the CPU path must be ssyrk"
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(70, 300, generator=gen)
+    start = torch.randn(300, 300, generator=gen)
+    hessian = start.clone()
+    gram.add_upper_gram(hessian, x.t().contiguous().t(), beta=0.25, alpha=3.0)  # column-major x
+    expected = 0.25 * start + 3.0 * x.t() @ x
+    upper = torch.ones(300, 300, dtype=torch.bool).triu()
+    assert torch.allclose(hessian[upper], expected[upper], rtol=1e-5, atol=1e-3)
