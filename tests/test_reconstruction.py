@@ -64,7 +64,8 @@ def invoke(*args: Any) -> tuple[int, str]:
 def test_pruned_weights_stay_exactly_zero_and_the_pattern_holds(arch: str, learn_mask: bool) -> None:
     dense, sparse, names = pruned_pair(arch)
     before = matrices(sparse, names)
-    config = ReconstructConfig(**FAST, learn_mask=learn_mask, mask_lr=0.05)
+    # What training does to the pattern (no reverting a unit that training made worse).
+    config = ReconstructConfig(**FAST, learn_mask=learn_mask, mask_lr=0.05, revert_worse=False)
     reports = reconstruct(dense, sparse, config, ids(), names, PATTERN, progress=False)
     after = matrices(sparse, names)
     assert len(reports) == 2
@@ -103,6 +104,27 @@ def test_reconstruction_lowers_the_local_loss_of_every_block(granularity: str) -
             assert unit["loss_after"] < unit["loss_before"], (report["block"], unit)
     expected_units = {"attn-mlp": 2, "block": 1, "linear": 7}[granularity]
     assert all(len(report["units"]) == expected_units for report in reports)
+
+
+@pytest.mark.parametrize("learn_mask", [False, True], ids=["fixed-mask", "learned-mask"])
+def test_a_unit_that_training_makes_worse_goes_back_to_its_start(learn_mask: bool) -> None:
+    """Adam's steps are as large at a near-exact unit as anywhere: at lr 1 every unit gets worse."""
+    runs = {}
+    for revert in (False, True):
+        dense, sparse, names = pruned_pair("llama")
+        before = matrices(sparse, names)
+        config = ReconstructConfig(**{**FAST, "lr": 1.0}, learn_mask=learn_mask, revert_worse=revert)
+        reports = reconstruct(dense, sparse, config, ids(), names, PATTERN, progress=False)
+        runs[revert] = (reports, before, matrices(sparse, names))
+    for report in runs[False][0]:
+        assert all(unit["loss_after"] > unit["loss_before"] for unit in report["units"].values())
+    reports, before, after = runs[True]
+    for report in reports:
+        assert report["block_loss_after"] == pytest.approx(report["block_loss_before"], rel=1e-6)
+        for unit in report["units"].values():
+            assert unit["reverted"] and unit["loss_after"] == unit["loss_before"] < unit["loss_trained"]
+            assert unit.get("mask_changed", 0.0) == 0.0
+    assert all(torch.equal(after[name], before[name]) for name in names)
 
 
 # --- attn-mlp targets ---------------------------------------------------------------------------------

@@ -56,6 +56,11 @@ class ReconstructConfig(Settings):
     warmup: float = setting(0.1, "fraction of each unit's steps spent warming up the lr", minimum=0)
     min_lr_ratio: float = setting(0.1, "cosine decay ends at this fraction of the peak lr", minimum=0)
     train_bias: bool = setting(True, "also train the target layers' biases (never pruned)")
+    revert_worse: bool = setting(
+        True,
+        "a unit whose training raised its local loss on the calibration windows goes back to its "
+        "starting weights (and mask)",
+    )
     learn_mask: bool = setting(False, "learn each block's N:M masks too (MaskLLM's candidates, local loss)")
     mask_lr: float = setting(5e-3, "peak AdamW learning rate of the mask logits (learn_mask)", above=0)
     alpha: float = setting(3.0, "prior strength of the pruned model's mask: logit shift in stds", minimum=0)

@@ -64,6 +64,8 @@ from semisparse.reconstruction.units import (
     block_rng,
     block_seed,
     per_window,
+    restore,
+    snapshot,
     store_rows,
     units_of,
 )
@@ -290,6 +292,7 @@ class Reconstructor:
         steps = config.epochs * math.ceil(acts.inputs.shape[0] / config.batch_size)
         record: dict[str, Any] = {"layers": len(unit.layers), "steps": steps}
         record["loss_before"] = self._loss(forward, acts)
+        start = snapshot(state, unit) if config.revert_worse else None
         flips = 0
         if config.learn_mask:
             prior = {name: state.masks[name] for name in unit.layers}
@@ -314,6 +317,13 @@ class Reconstructor:
         else:
             record["train_loss"] = self._train(state, unit, forward, acts, steps, {})
         record["loss_after"] = self._loss(forward, acts)
+        if start is not None:
+            record["reverted"] = record["loss_after"] > record["loss_before"]
+            if record["reverted"]:  # Adam's fixed-size steps can only hurt a unit that starts near-exact
+                restore(state, start)
+                record["loss_trained"], record["loss_after"] = record["loss_after"], record["loss_before"]
+                if config.learn_mask:
+                    flips, record["mask_changed"] = 0, 0.0
         return record, flips
 
     def _attach(self, state: BlockState, unit: Unit) -> dict[str, LearnableMaskLinear]:
@@ -433,6 +443,9 @@ def _describe(report: dict[str, Any], blocks: int) -> str:
     )
     if "mask_changed" in report:
         text += f", mask changed {report['mask_changed']:.2%}"
+    reverted = sum(bool(unit.get("reverted")) for unit in report["units"].values())
+    if reverted:
+        text += f", {reverted} unit(s) kept their start (training made them worse)"
     return text + f"), {report['seconds']:.1f} s"
 
 

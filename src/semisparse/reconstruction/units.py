@@ -1,5 +1,6 @@
 """The pieces block-wise reconstruction is made of: units (what is matched to the dense model), the block
-state every unit reads, activations, the streaming normalised loss, and per-block seeding."""
+state every unit reads, a unit's starting point, activations, the streaming normalised loss, and per-block
+seeding."""
 
 from __future__ import annotations
 
@@ -77,6 +78,35 @@ class BlockState:
     kwargs: dict[str, Any]
     hidden: Tensor
     masks: dict[str, Tensor] = field(default_factory=dict)  # layer -> kept mask, parameter layout
+
+
+@dataclass
+class UnitStart:
+    """A unit's layers as they were before training: weights, biases (by module name) and masks."""
+
+    tensors: dict[str, tuple[Tensor, Tensor | None]]
+    masks: dict[str, Tensor]
+
+
+def snapshot(state: BlockState, unit: Unit) -> UnitStart:
+    """Copies of what training a unit changes, so a unit made worse can go back (`restore`)."""
+    tensors = {}
+    for name in unit.layers:
+        module = state.sparse.get_submodule(name)
+        bias = None if module.bias is None else module.bias.detach().clone()
+        tensors[name] = (module.weight.detach().clone(), bias)
+    return UnitStart(tensors, {name: state.masks[name].clone() for name in unit.layers})
+
+
+def restore(state: BlockState, start: UnitStart) -> None:
+    """Put a unit back as `snapshot` saw it (the modules may have been swapped since: copy into them)."""
+    with torch.no_grad():
+        for name, (weight, bias) in start.tensors.items():
+            module = state.sparse.get_submodule(name)
+            module.weight.copy_(weight)
+            if bias is not None:
+                module.bias.copy_(bias)
+    state.masks.update(start.masks)
 
 
 def batches(n: int, size: int) -> list[slice]:
