@@ -225,6 +225,7 @@ def test_both_gram_paths_update_the_upper_triangle(path: str, monkeypatch: pytes
         monkeypatch.setattr(gram, "_syrk_upper", lambda *args: False)
     else:
         assert gram._cpu_blas() is not None, "scipy's BLAS is a dependency: the CPU path must be ssyrk"
+        assert torch.get_num_threads() == 1  # tests run on one thread (conftest), where ssyrk is used
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(70, 300, generator=gen)
     start = torch.randn(300, 300, generator=gen)

@@ -1,9 +1,10 @@
 """Running Gram matrices `H = β·H + α·xᵀx` for Hessian-based pruners, computing only the upper triangle.
 
-`xᵀx` is symmetric, so half of a full matrix product is wasted work. On CPU in float32, BLAS `ssyrk`
-(scipy's OpenBLAS, held to torch's thread count) computes exactly the triangle; elsewhere the triangle is
-covered by column blocks of ordinary products (torch has no `syrk`). The time it saves in SparseGPT is in
-`benchmarks/results/prune_speed_32x1024_cpu_1thread.md`.
+`xᵀx` is symmetric, so half of a full matrix product is wasted work. On CPU in float32 with torch on one
+thread, BLAS `ssyrk` (scipy's OpenBLAS, on one thread too) computes exactly the triangle: a quarter less
+Hessian time in `benchmarks/results/prune_speed_32x1024_cpu_1thread.md`. Elsewhere the triangle is covered by
+column blocks of ordinary products (torch has no `syrk`): with more threads, OpenBLAS's threads fight
+OpenMP's spinning workers (the demo's SparseGPT prune on 2 threads: 222 s with `ssyrk`, 185 s with blocks).
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ def _blocked_upper(hessian: Tensor, x: Tensor, beta: float, alpha: float) -> Non
 
 
 def _syrk_upper(hessian: Tensor, x: Tensor, beta: float, alpha: float) -> bool:
-    """BLAS `ssyrk` in place on CPU float32 tensors; False (nothing done) where it does not apply."""
+    """BLAS `ssyrk` in place on CPU float32 tensors, torch on one thread; False (nothing done) elsewhere."""
     blas = _cpu_blas()
     if (
         blas is None
+        or torch.get_num_threads() != 1
         or hessian.device.type != "cpu"
         or x.device.type != "cpu"
         or hessian.dtype != torch.float32
@@ -57,7 +59,7 @@ def _syrk_upper(hessian: Tensor, x: Tensor, beta: float, alpha: float) -> bool:
     # Row-major [tokens, cols] is column-major [cols, tokens]: `ssyrk` with trans=0 forms (xᵀ)(xᵀ)ᵀ = xᵀx.
     # The row-major Hessian read column-major is its transpose, so its upper triangle is the "lower" one.
     c = hessian.numpy().T
-    with threads.limit(limits=torch.get_num_threads()):
+    with threads.limit(limits=1):
         out = ssyrk(alpha, x.contiguous().numpy().T, beta=beta, c=c, trans=0, lower=1, overwrite_c=1)
     if not np.shares_memory(out, c):
         hessian.copy_(torch.from_numpy(np.ascontiguousarray(out.T)))
