@@ -128,7 +128,8 @@ def _nm_block_sweep(w_block: Tensor, hinv_block: Tensor, n: int, m: int) -> tupl
         w_group = w_block[:, g : g + m]
         # Ranking NaN saliencies is moot: a NaN weight has already spread through the whole sweep.
         keep = nm.top_n_stable(w_group.square() / d_squared[g : g + m], n)
-        scale = (~keep).to(w_block.dtype).div_(d[g : g + m]).unbind(1)  # 1/d where pruned, else 0
+        pruned = ~keep
+        scale = pruned.to(w_block.dtype).div_(d[g : g + m]).unbind(1)  # 1/d where pruned, else 0
         w_columns = w_group.unbind(1)
         err_group = err_block[:, g : g + m]
         for j in range(m):
@@ -138,7 +139,7 @@ def _nm_block_sweep(w_block: Tensor, hinv_block: Tensor, n: int, m: int) -> tupl
             )
             torch.mul(corrected, scale[j], out=err_columns[c])
         w_block[:, g:].addmm_(err_group, later[g : g + m, g:], alpha=-1)
-        q_block[:, g : g + m] = w_group.masked_fill(~keep, 0)
+        q_block[:, g : g + m] = w_group.masked_fill(pruned, 0)
     return q_block, err_block
 
 
