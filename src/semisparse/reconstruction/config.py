@@ -50,7 +50,12 @@ class ReconstructConfig(Settings):
         "inputs of each block: sparse (from the reconstructed blocks before it) or dense (the dense model's)",
     )
     epochs: int = setting(4, "passes over the calibration windows per reconstructed unit", minimum=1)
-    batch_size: int = setting(4, "calibration windows per optimizer step", minimum=1)
+    batch_size: int = setting(
+        1,
+        "calibration windows per optimizer step (1: four times the steps of 4 for the same compute, "
+        "which reconstructs better; see benchmarks/results/reconstruct_batch_quick_smollm2_cpu.md)",
+        minimum=1,
+    )
     lr: float = setting(3e-3, "peak AdamW learning rate of the kept weights", above=0)
     weight_decay: float = setting(0.0, "AdamW decoupled weight decay of the kept weights", minimum=0)
     warmup: float = setting(0.1, "fraction of each unit's steps spent warming up the lr", minimum=0)
