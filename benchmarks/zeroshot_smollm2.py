@@ -1,8 +1,9 @@
-"""Zero-shot accuracy and WikiText-2 perplexity of dense SmolLM2-135M versus its SparseGPT 2:4 version.
+"""Zero-shot accuracy and WikiText-2 perplexity of dense SmolLM2-135M versus its 2:4 versions.
 
 Runs `semisparse.jobs.evaluate.evaluate_models` (what `semisparse eval` runs) on every task of the local
 data mirror and records the numbers, the command, the device and the protocol under benchmarks/results/.
-The sparse model is the output of `make demo`; it is created with the same command when missing.
+The default sparse model is the output of `make demo`, created with the same command when missing; `--sparse`
+takes a comma list of saved sparse models (e.g. a SparseGPT start and its reconstruction).
 
     python benchmarks/zeroshot_smollm2.py                    # full sets (use a GPU)
     python benchmarks/zeroshot_smollm2.py --limit 100        # quick CPU look: first 100 examples per task
@@ -25,6 +26,7 @@ from semisparse.evaluation.zeroshot import mirrored_tasks
 from semisparse.jobs.evaluate import evaluate_models
 
 PRUNE = ["--method", "sparsegpt", "--pattern", "2:4", "--nsamples", "32", "--seqlen", "1024"]
+DEMO = "runs/demo-sparsegpt-2of4"
 
 
 def main() -> None:
@@ -32,7 +34,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--sparse", default="runs/demo-sparsegpt-2of4")
+    parser.add_argument("--sparse", default=DEMO, help="Sparse model directories (comma list).")
     parser.add_argument("--limit", type=int, default=None, help="First N examples per task (default: all).")
     parser.add_argument("--max-windows", type=int, default=None, help="WikiText-2 windows (default: all).")
     parser.add_argument("--skip", default="", help="Comma list of mirrored tasks to leave out.")
@@ -51,13 +53,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    sparse = Path(args.sparse)
-    if not (sparse / "config.json").is_file():
-        semisparse("prune", args.model, *PRUNE, "-o", str(sparse), "--device", args.device, "--quiet")
+    sparse = [Path(path) for path in args.sparse.split(",") if path]
+    if args.sparse == DEMO and not (sparse[0] / "config.json").is_file():
+        semisparse("prune", args.model, *PRUNE, "-o", DEMO, "--device", args.device, "--quiet")
+    missing = [str(path) for path in sparse if not (path / "config.json").is_file()]
+    if missing:
+        sys.exit(f"error: not a saved model: {', '.join(missing)}; run `semisparse prune` first")
 
     start = time.perf_counter()
     report = evaluate_models(
-        [args.model, str(sparse)],
+        [args.model, *map(str, sparse)],
         ppl="wikitext2",
         tasks=[task for task in mirrored_tasks() if task not in args.skip.split(",")],
         limit=args.limit,
@@ -71,7 +76,7 @@ def main() -> None:
         "device": device_name(args.device),
         "date": time.strftime("%Y-%m-%d"),
         "model": args.model,
-        "sparse": str(sparse),
+        "sparse": {str(path): provenance(path) for path in sparse},
         "limit": args.limit,
         "skipped": [task for task in args.skip.split(",") if task],
         "seconds_all_models": round(time.perf_counter() - start, 1),
@@ -88,16 +93,16 @@ def write_outputs(record: dict, stem: str) -> None:
     limit = record["limit"]
     scope = f"first {limit} examples of each task" if limit else "full evaluation sets"
     lines = [
-        "# SmolLM2-135M: dense vs SparseGPT 2:4, zero-shot (lm-evaluation-harness) and WikiText-2 perplexity",
+        "# SmolLM2-135M: dense vs 2:4, zero-shot (lm-evaluation-harness) and WikiText-2 perplexity",
         "",
         f"- command: `{record['command']}`",
-        f"- device: {record['device']}, {record['date']}; {record['seconds_all_models']} s for both models",
+        f"- device: {record['device']}, {record['date']}; {record['seconds_all_models']} s for all models",
         f"- zero-shot: {scope}, 0-shot, seed {report['settings']['seed']}, "
         f"lm-eval {report['settings']['lm_eval_version']}; left out: tasks not in the data mirror"
         + "".join(f", {task} (--skip)" for task in record.get("skipped", [])),
         f"- perplexity: WikiText-2 test, {ppl['windows']} of {ppl['total_windows']} windows "
         f"of {ppl['seqlen']} tokens",
-        f"- sparse model: `{record['sparse']}` (`semisparse prune {record['model']} {' '.join(PRUNE)}`)",
+        *sparse_lines(record),
         "- accuracies in percent; mean = mean acc over the tasks; Δ = model − dense; ×ppl = ratio to dense; "
         f"each accuracy's standard error is up to {100 * _largest_stderr(report):.1f} points",
         "",
@@ -107,6 +112,21 @@ def write_outputs(record: dict, stem: str) -> None:
     ]
     write_results(RESULTS / f"{stem}.json", record, "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def provenance(model: Path) -> str:
+    """The command that made a saved model, from its semisparse.json (paths shortened to their names)."""
+    meta = json.loads((model / "semisparse.json").read_text())
+    command = meta.get("command") or []
+    return " ".join(["semisparse", *(Path(part).name if "/" in part else part for part in command[1:])])
+
+
+def sparse_lines(record: dict) -> list[str]:
+    """One line per sparse model; records before several models were allowed hold just the demo path."""
+    if isinstance(record["sparse"], str):
+        command = f"semisparse prune {record['model']} {' '.join(PRUNE)}"
+        return [f"- sparse model: `{record['sparse']}` (`{command}`)"]
+    return [f"- sparse model: `{path}` (`{command}`)" for path, command in record["sparse"].items()]
 
 
 def _largest_stderr(report: dict) -> float:
