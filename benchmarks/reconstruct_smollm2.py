@@ -12,6 +12,8 @@ over several sessions.
 
     python benchmarks/reconstruct_smollm2.py                       # the table: 32 x 2048 calibration
     python benchmarks/reconstruct_smollm2.py --rows sparsegpt,sparsegpt+attn-mlp
+    python benchmarks/reconstruct_smollm2.py --model gemma3-270m --nsamples 16 --max-windows 16 \
+        --rows sparsegpt,sparsegpt+attn-mlp --name reconstruct_gemma3_cpu_16x2048   # the second family
     python benchmarks/reconstruct_smollm2.py --smoke --model DIR --name smoke   # seconds, any tiny model
 """
 
@@ -29,6 +31,7 @@ import torch
 from common import RESULTS, device_name, semisparse, write_results
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+MODEL_NAMES = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}
 
 
 def row_plan(methods: list[str]) -> dict[str, dict[str, Any]]:
@@ -125,7 +128,8 @@ def markdown(record: dict[str, Any]) -> str:
     rows = record["rows"]
     dense = record.get("dense") or {}
     lines = [
-        f"# SmolLM2-135M {record['pattern']}: one-shot vs block-wise reconstruction",
+        f"# {MODEL_NAMES.get(record['model'], record['model'])} {record['pattern']}: one-shot vs block-wise "
+        "reconstruction",
         "",
         f"- command: `{record['command']}`",
         f"- device: {record['device']}; threads per process: {record['threads']}",
