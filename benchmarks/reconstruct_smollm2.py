@@ -104,7 +104,8 @@ def run_row(name: str, plan: dict[str, Any], args: argparse.Namespace, work: Pat
             mask_changed=meta["mask_changed"],
             reconstruct_seconds=meta["reconstruct_seconds"],
             settings={
-                key: meta["settings"][key] for key in ("epochs", "batch_size", "lr", "inputs", "mask_lr")
+                key: meta["settings"].get(key)
+                for key in ("epochs", "batch_size", "lr", "inputs", "mask_lr", "autocast")
             },
         )
     row["prune_seconds"] = prune_meta["prune_seconds"]

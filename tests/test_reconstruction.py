@@ -127,6 +127,27 @@ def test_a_unit_that_training_makes_worse_goes_back_to_its_start(learn_mask: boo
     assert all(torch.equal(after[name], before[name]) for name in names)
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_bf16_autocast_trains_like_float32_and_keeps_float32_weights(arch: str) -> None:
+    """bf16 matrix products (fast on CPUs with AMX) must still train every unit: one autocast context
+    around all steps would reuse the first step's cached bf16 weights and make GPT-2 and OPT units worse."""
+    losses = {}
+    for mode in ("off", "bf16"):
+        dense, sparse, names = pruned_pair(arch)
+        before = matrices(sparse, names)
+        config = ReconstructConfig(**{**FAST, "epochs": 4}, autocast=mode, revert_worse=False)
+        reports = reconstruct(dense, sparse, config, ids(), names, PATTERN, progress=False)
+        after = matrices(sparse, names)
+        for name in names:
+            assert after[name].dtype == torch.float32, name
+            assert nm.is_nm(after[name], 2, 4), name
+            assert not ((after[name] != 0) & (before[name] == 0)).any(), name
+        losses[mode] = [unit["loss_after"] for report in reports for unit in report["units"].values()]
+        for report in reports:
+            assert all(unit["loss_after"] < unit["loss_before"] for unit in report["units"].values())
+    assert losses["bf16"] == pytest.approx(losses["off"], rel=0.1)
+
+
 # --- attn-mlp targets ---------------------------------------------------------------------------------
 
 

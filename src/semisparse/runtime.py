@@ -1,4 +1,5 @@
-"""Where and how a job runs: dtype names, the default device, and measuring a job's time and memory.
+"""Where and how a job runs: dtype names, the default device, mixed precision, and measuring a job's time
+and memory.
 
 A leaf of the package (torch, stdlib and `semisparse.errors` only), shared by the jobs and the training
 loop below them.
@@ -10,7 +11,7 @@ import os
 import resource
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,20 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def autocast(mode: str, device: torch.device) -> AbstractContextManager[Any]:
+    """bf16 autocast for `mode` "bf16", or "auto" on CUDA; float32 otherwise ("off", or "auto" on a CPU).
+
+    Master weights, optimizer state and anything outside the context stay float32; only the matrix
+    products and attention run in bfloat16 (on CPUs with AMX they are several times faster too, which
+    "bf16" makes available where a run's numbers may differ from float32 ones).
+    """
+    if mode not in ("auto", "bf16", "off"):
+        raise SemisparseError(f"unknown autocast mode '{mode}': use auto, bf16 or off")
+    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def set_threads(threads: int) -> None:

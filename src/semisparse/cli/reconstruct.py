@@ -24,8 +24,13 @@ from semisparse.settings import describe, parse_assignments
 )
 @click.option("--inputs", default=None, help="sparse (default: from the reconstructed blocks) or dense.")
 @click.option("--epochs", type=int, default=None, help="Passes over the calibration windows (default 4).")
-@click.option("--batch-size", type=int, default=None, help="Windows per optimizer step (default 4).")
+@click.option("--batch-size", type=int, default=None, help="Windows per optimizer step (default 1).")
 @click.option("--lr", type=float, default=None, help="Peak AdamW lr of the kept weights (default 3e-3).")
+@click.option(
+    "--autocast",
+    default=None,
+    help="auto (default: bf16 on CUDA, float32 on CPU), bf16 (fast on CPUs with AMX) or off.",
+)
 @click.option("--learn-mask", is_flag=True, default=None, help="Also learn each block's N:M masks locally.")
 @click.option("--pattern", default=None, help="N:M pattern (default: the pruned model's own, else 2:4).")
 @click.option(

@@ -66,6 +66,11 @@ class ReconstructConfig(Settings):
         "a unit whose training raised its local loss on the calibration windows goes back to its "
         "starting weights (and mask)",
     )
+    autocast: Literal["auto", "bf16", "off"] = setting(
+        "auto",
+        "mixed precision of the block forwards and backwards: auto = bf16 on CUDA, float32 on CPU; bf16 on a "
+        "CPU with AMX runs the matrix products several times faster (weights and optimizer stay float32)",
+    )
     learn_mask: bool = setting(False, "learn each block's N:M masks too (MaskLLM's candidates, local loss)")
     mask_lr: float = setting(5e-3, "peak AdamW learning rate of the mask logits (learn_mask)", above=0)
     alpha: float = setting(3.0, "prior strength of the pruned model's mask: logit shift in stds", minimum=0)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -69,6 +69,7 @@ from semisparse.reconstruction.units import (
     store_rows,
     units_of,
 )
+from semisparse.runtime import autocast
 from semisparse.training.optim import adamw
 from semisparse.training.schedule import WarmupCosine
 
@@ -158,6 +159,10 @@ class Reconstructor:
                     if home is not None:
                         block.to(home)
 
+    def _precision(self, block: nn.Module) -> AbstractContextManager[Any]:
+        """bf16 autocast or nothing (`autocast` setting), for the device `block` runs on."""
+        return autocast(self.config.autocast, _first_device(block) or torch.device("cpu"))
+
     def _forward(self, block: nn.Module, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         device = _first_device(block) or x.device
         return _block_output(block(x.to(device), *args, **kwargs)).to(x.device)
@@ -173,7 +178,7 @@ class Reconstructor:
         """Normalised MSE of the sparse block's output against the dense block's, on the stream's inputs;
         with `advance`, the stream moves on to the next block (from the same outputs)."""
         stats = LossStats()
-        with torch.no_grad():
+        with torch.no_grad(), self._precision(state.sparse):
             for rows in batches(state.hidden.shape[0], self.config.batch_size):
                 x = state.hidden[rows]
                 sparse = self._forward(state.sparse, x, state.args, state.kwargs)
@@ -228,7 +233,7 @@ class Reconstructor:
         call: Call | None = None
         stats = LossStats()
         source = state.sparse if self.config.inputs == "sparse" else state.dense
-        with torch.no_grad():
+        with torch.no_grad(), self._precision(state.sparse):
             for rows in batches(n, self.config.batch_size):
                 x = state.hidden[rows].to(_first_device(state.sparse) or state.hidden.device)
                 windows = x.shape[0]
@@ -276,9 +281,9 @@ class Reconstructor:
         sub = unit.sub
         return lambda x: run_sub_block(block, sub, x, acts.call)
 
-    def _loss(self, forward: Callable[[Tensor], Tensor], acts: Activations) -> float:
+    def _loss(self, state: BlockState, forward: Callable[[Tensor], Tensor], acts: Activations) -> float:
         total = 0.0
-        with torch.no_grad():
+        with torch.no_grad(), self._precision(state.sparse):
             for rows in batches(acts.inputs.shape[0], self.config.batch_size):
                 output = forward(acts.inputs[rows])
                 total += float((output.double() - acts.targets[rows].double()).square().sum())
@@ -291,14 +296,14 @@ class Reconstructor:
         forward = self._unit_forward(state, unit, acts)
         steps = config.epochs * math.ceil(acts.inputs.shape[0] / config.batch_size)
         record: dict[str, Any] = {"layers": len(unit.layers), "steps": steps}
-        record["loss_before"] = self._loss(forward, acts)
+        record["loss_before"] = self._loss(state, forward, acts)
         start = snapshot(state, unit) if config.revert_worse else None
         flips = 0
         if config.learn_mask:
             prior = {name: state.masks[name] for name in unit.layers}
             layers = self._attach(state, unit)
             record["train_loss"] = self._train(state, unit, forward, acts, steps, layers)
-            record["loss_joint"] = self._loss(forward, acts)
+            record["loss_joint"] = self._loss(state, forward, acts)
             for name, layer in layers.items():
                 mask = layer.argmax_mask()
                 kept = mask.t().contiguous() if layer.source == "conv1d" else mask
@@ -316,7 +321,7 @@ class Reconstructor:
             record["mask_changed"] = flips / sum(int(state.masks[n].numel()) for n in unit.layers)
         else:
             record["train_loss"] = self._train(state, unit, forward, acts, steps, {})
-        record["loss_after"] = self._loss(forward, acts)
+        record["loss_after"] = self._loss(state, forward, acts)
         if start is not None:
             record["reverted"] = record["loss_after"] > record["loss_before"]
             if record["reverted"]:  # Adam's fixed-size steps can only hurt a unit that starts near-exact
@@ -410,8 +415,9 @@ class Reconstructor:
                     kappa = config.kappa_start + (config.kappa_end - config.kappa_start) * progress
                     for layer in learnable.values():
                         layer.tau, layer.kappa, layer.hard = tau, kappa, config.hard
-                output = forward(acts.inputs[rows])
-                loss = F.mse_loss(output.float(), acts.targets[rows].float()) / acts.variance
+                with self._precision(state.sparse):  # a context per step: autocast caches weight casts
+                    output = forward(acts.inputs[rows])
+                    loss = F.mse_loss(output.float(), acts.targets[rows].float()) / acts.variance
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 for weight, mask in masked:

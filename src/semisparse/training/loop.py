@@ -35,6 +35,7 @@ from semisparse.data import window_bos
 from semisparse.errors import SemisparseError
 from semisparse.models import load_tokenizer
 from semisparse.modules import context_length
+from semisparse.runtime import autocast
 from semisparse.training import checkpoint, distributed
 from semisparse.training.config import TrainConfig
 from semisparse.training.corpus import PackedSequences
@@ -435,10 +436,7 @@ class _Trainer:
         return row
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        mode = self.config.autocast
-        if mode == "bf16" or (mode == "auto" and self.device.type == "cuda"):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.config.autocast, self.device)
 
     # --- output -------------------------------------------------------------------------------------
     def _export(self, final_eval: dict[str, Any] | None) -> Path:
