@@ -127,6 +127,37 @@ def test_a_unit_that_training_makes_worse_goes_back_to_its_start(learn_mask: boo
     assert all(torch.equal(after[name], before[name]) for name in names)
 
 
+def test_a_block_whose_output_got_worse_goes_back_to_its_start(monkeypatch) -> None:
+    """Units can each pass their own check and the block output still drift: the block then keeps its
+    start, and the next block sees the start's outputs."""
+
+    def damaging_unit(self: Reconstructor, state: BlockState, unit: Any) -> tuple[dict[str, Any], int]:
+        with torch.no_grad():
+            for name in unit.layers:
+                state.sparse.get_submodule(name).weight.mul_(3.0)  # same zeros, far from the dense outputs
+        return {"loss_before": 1.0, "loss_after": 0.5}, 0
+
+    monkeypatch.setattr(Reconstructor, "_unit", damaging_unit)
+    runs = {}
+    for revert in (False, True):
+        dense, sparse, names = pruned_pair("llama")
+        before = matrices(sparse, names)
+        config = ReconstructConfig(**FAST, revert_worse=revert)
+        runs[revert] = reconstruct(dense, sparse, config, ids(), names, PATTERN, progress=False)
+        after = matrices(sparse, names)
+        assert all(torch.equal(after[name], before[name]) for name in names) == revert
+    kept, damaged = runs[True], runs[False]
+    assert all(report["reverted"] for report in kept)
+    assert all(r["block_loss_trained"] > r["block_loss_after"] == r["block_loss_before"] for r in kept)
+    assert all(report["block_loss_after"] > report["block_loss_before"] for report in damaged)
+    # block 1's input is block 0's restored output: its loss before is that of a run that changes nothing
+    monkeypatch.setattr(Reconstructor, "_unit", lambda self, state, unit: ({}, 0))
+    dense, sparse, names = pruned_pair("llama")
+    unchanged = reconstruct(dense, sparse, ReconstructConfig(**FAST), ids(), names, PATTERN, progress=False)
+    assert kept[1]["block_loss_before"] == unchanged[1]["block_loss_before"]
+    assert damaged[1]["block_loss_before"] != unchanged[1]["block_loss_before"]
+
+
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
 def test_bf16_autocast_trains_like_float32_and_keeps_float32_weights(arch: str) -> None:
     """bf16 matrix products (fast on CPUs with AMX) must still train every unit: one autocast context
@@ -255,8 +286,8 @@ def test_a_mask_file_start_keeps_its_mask(tmp_path, dense_dir, calib_file) -> No
 
 @pytest.mark.parametrize(
     "settings",
-    [{}, {"learn_mask": True}, {"inputs": "dense", "granularity": "linear"}],
-    ids=["fixed-mask", "learned-mask", "dense-inputs-linear"],
+    [{}, {"learn_mask": True}, {"inputs": "dense", "granularity": "linear"}, {"autocast": "bf16"}],
+    ids=["fixed-mask", "learned-mask", "dense-inputs-linear", "bf16"],
 )
 def test_an_interrupted_run_resumes_bit_identically(tmp_path, dense_dir, calib_file, settings) -> None:
     config = _config(calib_file, **settings)

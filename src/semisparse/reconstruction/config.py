@@ -64,7 +64,7 @@ class ReconstructConfig(Settings):
     revert_worse: bool = setting(
         True,
         "a unit whose training raised its local loss on the calibration windows goes back to its "
-        "starting weights (and mask)",
+        "starting weights (and mask), and so does a block whose output moved further from the dense block's",
     )
     autocast: Literal["auto", "bf16", "off"] = setting(
         "auto",

@@ -132,8 +132,9 @@ class Reconstructor:
             for b in bar:
                 args, kwargs = capture.block_args[b]
                 if b < start_block or not self.layers[b]:
-                    with self._on_device(stream_blocks[b]), torch.no_grad():
-                        self._advance(stream_blocks[b], hidden, args, kwargs)
+                    block = stream_blocks[b]
+                    with self._on_device(block), torch.no_grad(), self._precision(block):
+                        self._advance(block, hidden, args, kwargs)
                     continue
                 with self._on_device(self.dense_blocks[b], self.sparse_blocks[b]):
                     state = BlockState(b, self.dense_blocks[b], self.sparse_blocks[b], args, kwargs, hidden)
@@ -198,6 +199,7 @@ class Reconstructor:
         flags = {name: p.requires_grad for name, p in state.sparse.named_parameters()}
         state.sparse.requires_grad_(False)
         report: dict[str, Any] = {"block": state.index, "block_loss_before": self._block_loss(state, False)}
+        start = snapshot(state, Unit("block", "block", layers)) if config.revert_worse else None
         units = {}
         changed, total = 0, 0
         try:
@@ -215,7 +217,18 @@ class Reconstructor:
                 raise SemisparseError(
                     f"internal error: layer {name} left {self.pattern} during reconstruction"
                 )
-        report["block_loss_after"] = self._block_loss(state, True)
+        if start is None:
+            report["block_loss_after"] = self._block_loss(state, True)
+        else:  # units can each improve and the block output still drift (norms after a sub-block: Gemma)
+            report["block_loss_after"] = self._block_loss(state, False)
+            report["reverted"] = report["block_loss_after"] > report["block_loss_before"]
+            if report["reverted"]:
+                restore(state, start)
+                report["block_loss_trained"] = report["block_loss_after"]
+                report["block_loss_after"], changed = report["block_loss_before"], 0
+            stream = state.sparse if config.inputs == "sparse" else state.dense
+            with torch.no_grad(), self._precision(state.sparse):
+                self._advance(stream, state.hidden, state.args, state.kwargs)
         report["units"] = units
         if config.learn_mask:
             report["mask_changed"] = changed / total if total else 0.0
@@ -449,6 +462,8 @@ def _describe(report: dict[str, Any], blocks: int) -> str:
     )
     if "mask_changed" in report:
         text += f", mask changed {report['mask_changed']:.2%}"
+    if report.get("reverted"):
+        text += f"; trained {report['block_loss_trained']:.4g}, worse: the block kept its start"
     reverted = sum(bool(unit.get("reverted")) for unit in report["units"].values())
     if reverted:
         text += f", {reverted} unit(s) kept their start (training made them worse)"
