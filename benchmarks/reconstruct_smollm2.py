@@ -208,6 +208,7 @@ def main() -> None:
     stem = args.name or f"reconstruct_smollm2_{'gpu' if args.device.startswith('cuda') else 'cpu'}"
     json_path = RESULTS / f"{stem}.json"
     record: dict[str, Any] = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    record.pop("machine", None)  # the load of this invocation, not of the one that wrote the first rows
     scope = f"first {args.max_windows} windows" if args.max_windows else "all windows"
     settings = {
         "pattern": args.pattern,
