@@ -160,7 +160,9 @@ def markdown(record: dict[str, Any]) -> str:
             f"| {name} | {row['wikitext2_ppl']:.2f} | {row['c4_eval_ppl']:.2f} | {loss} | {changed} "
             f"| {row['seconds']} | {row['peak_rss_gib']} | {row['threads']} | {load} |"
         )
-    return "\n".join(lines) + "\n"
+    carried = [f"- `{name}` was measured for {row['carried_from']}" for name, row in rows.items()
+               if "carried_from" in row]  # fmt: skip
+    return "\n".join([*lines, *([""] if carried else []), *carried]) + "\n"
 
 
 def main() -> None:
