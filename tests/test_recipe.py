@@ -49,8 +49,10 @@ def shrink(mapping: dict[str, Any], small: dict[str, str]) -> dict[str, Any]:
     for item in mapping["stages"]:
         ((name, values),) = item.items()
         values = dict(values or {})
-        if name in ("prune", "quantize"):
+        if name in ("prune", "quantize", "reconstruct"):
             values.update(source=small["calib"], nsamples=4, seqlen=32)
+        if name == "reconstruct":
+            values.update(epochs=1, device="cpu")
         if name == "quantize":
             values["group_size"] = 32  # the tiny model's layers have 64 or 128 inputs
         if name == "train":
@@ -145,6 +147,33 @@ def test_magnitude_ast_example_trains_from_the_pruned_model(tmp_path, dense_dir,
     assert meta["method"] == "ast" and meta["training"]["config"]["method"]["init"] == str(out / "01-prune")
     results = json.loads((out / "03-eval" / "results.json").read_text())
     assert [row["model"] for row in results["table"]] == [str(dense_dir), result.final_model]  # baseline
+
+
+def test_reconstruct_ast_example_trains_ast_from_the_reconstructed_model(tmp_path, dense_dir, small):
+    recipe = Recipe.from_mapping(example("sparsegpt-reconstruct-ast.yaml", small))
+    result = recipe.run(str(dense_dir), out=tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    assert result.ran == ["01-prune", "02-reconstruct", "03-train", "04-eval", "05-eval", "06-eval"]
+    assert result.final_model == str(out / "03-train" / "model")
+    model = load_model(result.final_model)
+    assert all(nm.is_nm(weight_matrix(m), 2, 4) for m in find_targets(model).values())
+
+    stages = chain_of(out)["stages"]
+    assert stages[1]["input"] == "01-prune" and stages[1]["config"]["autocast"] == "bf16"
+    train = stages[2]
+    # AST starts from the reconstruction, not from the one-shot prune; the teacher stays the dense model.
+    assert train["chained"]["init"] == str(out / "02-reconstruct")
+    assert train["chained"]["model"] == str(dense_dir)
+    assert train["config"]["gradient_checkpointing"] is True and train["config"]["mask_update_every"] == 0
+    for folder in ("04-eval", "05-eval", "06-eval"):
+        table = json.loads((out / folder / "results.json").read_text())["table"]
+        assert [row["model"] for row in table] == [result.final_model] and table[0]["perplexity"] > 1
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in RECIPES.glob("*.yaml")))
+def test_every_shipped_recipe_validates(name: str) -> None:
+    recipe = Recipe.from_yaml(RECIPES / name)
+    assert recipe.model == "smollm2-135m" and recipe.stages
 
 
 def test_maskllm_after_pruning_learns_on_the_dense_model_with_the_pruned_prior(tmp_path, dense_dir, small):
