@@ -118,7 +118,13 @@ def provenance(model: Path) -> str:
     """The command that made a saved model, from its semisparse.json (paths shortened to their names)."""
     meta = json.loads((model / "semisparse.json").read_text())
     command = meta.get("command") or []
-    return " ".join(["semisparse", *(Path(part).name if "/" in part else part for part in command[1:])])
+    return " ".join(["semisparse", *map(_short_argument, command[1:])])
+
+
+def _short_argument(part: str) -> str:
+    """A path argument by its name, keeping a `KEY=` prefix (`init=/runs/x/pruned` -> `init=pruned`)."""
+    key, equals, value = part.partition("=") if "=" in part.split("/")[0] else ("", "", part)
+    return f"{key}{equals}{Path(value).name}" if "/" in value else part
 
 
 def sparse_lines(record: dict) -> list[str]:
