@@ -162,6 +162,8 @@ def markdown(record: dict[str, Any]) -> str:
         )
     carried = [f"- `{name}` was measured for {row['carried_from']}" for name, row in rows.items()
                if "carried_from" in row]  # fmt: skip
+    if "carried_from" in dense:
+        carried.insert(0, f"- dense was measured for {dense['carried_from']}")
     return "\n".join([*lines, *([""] if carried else []), *carried]) + "\n"
 
 
