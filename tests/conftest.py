@@ -18,6 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -79,7 +80,14 @@ def _config(arch: str) -> PretrainedConfig:
             bos_token_id=VOCAB_SIZE - 1,
             eos_token_id=VOCAB_SIZE - 1,
         )
-    raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
+    if arch == "gemma3":  # not in ARCHS: used where its sandwich norms (norms on sub-block outputs) matter
+        return Gemma3TextConfig(
+            **{**llama_like, "num_key_value_heads": 1},
+            head_dim=16,
+            sliding_window=8,
+            query_pre_attn_scalar=16,
+        )
+    raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS} or gemma3")
 
 
 def make_tiny_model(arch: str, seed: int = 0) -> PreTrainedModel:

@@ -29,7 +29,7 @@ from semisparse.models import load_model, weights_sha256
 from semisparse.modules import decoder_blocks, find_targets, weight_matrix
 from semisparse.pruning import MagnitudeConfig, prune
 from semisparse.pruning.engine import _calibration_mode, _capture_block_inputs
-from semisparse.reconstruction import ReconstructConfig, reconstruct
+from semisparse.reconstruction import ReconstructConfig, lr_hint, reconstruct
 from semisparse.reconstruction.core import Reconstructor
 from semisparse.reconstruction.units import BlockState, units_of
 
@@ -104,6 +104,7 @@ def test_reconstruction_lowers_the_local_loss_of_every_block(granularity: str) -
             assert unit["loss_after"] < unit["loss_before"], (report["block"], unit)
     expected_units = {"attn-mlp": 2, "block": 1, "linear": 7}[granularity]
     assert all(len(report["units"]) == expected_units for report in reports)
+    assert lr_hint(reports, config.lr) is None
 
 
 @pytest.mark.parametrize("learn_mask", [False, True], ids=["fixed-mask", "learned-mask"])
@@ -125,6 +126,10 @@ def test_a_unit_that_training_makes_worse_goes_back_to_its_start(learn_mask: boo
             assert unit["reverted"] and unit["loss_after"] == unit["loss_before"] < unit["loss_trained"]
             assert unit.get("mask_changed", 0.0) == 0.0
     assert all(torch.equal(after[name], before[name]) for name in names)
+    assert lr_hint(reports, 1.0) == (
+        "note: 4 of 4 units got worse with training and kept their start: lr 1 is probably too high for "
+        "this model; try --lr 0.3"
+    )
 
 
 def test_a_block_whose_output_got_worse_goes_back_to_its_start(monkeypatch) -> None:
@@ -232,6 +237,24 @@ def test_attn_mlp_targets_are_the_dense_sub_block_outputs_gpt2_and_opt() -> None
         h = x + sparse.self_attn(hidden_states=sparse.self_attn_layer_norm(x), **state.kwargs)[0]
         want = dense.fc2(dense.activation_fn(dense.fc1(dense.final_layer_norm(h))))
         torch.testing.assert_close(runner.collect(state, mlp).targets, want, rtol=0, atol=1e-6)
+
+
+def test_gemma_sub_blocks_end_before_their_output_norms() -> None:
+    """Gemma adds norm(attention) and norm(MLP) to the residual; the targets stay the raw outputs (matching
+    after those norms made Gemma-3-270M 2.5x worse: reconstruct_gemma3_cpu_16x2048_bf16_postnorm.md)."""
+    runner, state, (attn, mlp) = _block_zero("gemma3")
+    dense, sparse, x, kwargs = state.dense, state.sparse, state.hidden, state.kwargs
+    with torch.no_grad():
+        got = runner.collect(state, attn)
+        want = dense.self_attn(hidden_states=dense.input_layernorm(x), **kwargs)[0]
+        torch.testing.assert_close(got.targets, want, rtol=0, atol=1e-6)
+        h = x + sparse.post_attention_layernorm(
+            sparse.self_attn(hidden_states=sparse.input_layernorm(x), **kwargs)[0]
+        )
+        got = runner.collect(state, mlp)
+        torch.testing.assert_close(got.inputs, sparse.pre_feedforward_layernorm(h), rtol=0, atol=1e-6)
+        want = dense.mlp(dense.pre_feedforward_layernorm(h))
+        torch.testing.assert_close(got.targets, want, rtol=0, atol=1e-6)
 
 
 def test_dense_inputs_take_the_dense_attention_output_for_the_mlp() -> None:

@@ -10,6 +10,7 @@ import click
 from semisparse import registry
 from semisparse.cli.common import SETTINGS_KEY, device_option, quiet_option, user_errors
 from semisparse.jobs.base import run_stage
+from semisparse.reconstruction import lr_hint
 from semisparse.settings import describe, parse_assignments
 
 
@@ -95,3 +96,6 @@ def reconstruct_command(
     if meta.get("mask_changed") is not None:
         text += f", mask changed {meta['mask_changed']:.2%}"
     click.echo(text + f", {meta['reconstruct_seconds']:.1f} s")
+    hint = lr_hint(meta["blocks"], settings["lr"])
+    if hint:
+        click.echo(hint, err=True)

@@ -8,6 +8,14 @@ sub-blocks start and end. The job with its work directory, resumption and output
 
 from semisparse.reconstruction.blocks import SubBlock, sub_blocks
 from semisparse.reconstruction.config import GRANULARITIES, ReconstructConfig
-from semisparse.reconstruction.core import Reconstructor, reconstruct
+from semisparse.reconstruction.core import Reconstructor, lr_hint, reconstruct
 
-__all__ = ["GRANULARITIES", "ReconstructConfig", "Reconstructor", "SubBlock", "reconstruct", "sub_blocks"]
+__all__ = [
+    "GRANULARITIES",
+    "ReconstructConfig",
+    "Reconstructor",
+    "SubBlock",
+    "lr_hint",
+    "reconstruct",
+    "sub_blocks",
+]

@@ -470,6 +470,19 @@ def _describe(report: dict[str, Any], blocks: int) -> str:
     return text + f"), {report['seconds']:.1f} s"
 
 
+def lr_hint(reports: Sequence[dict[str, Any]], lr: float) -> str | None:
+    """Advice when more than a quarter of the units ended worse than they started and were put back:
+    the sign that `lr` is too high for the model (Gemma-3-270M at 3e-3: 22 of 36 units; at 1e-3: 2)."""
+    units = [unit for report in reports for unit in report["units"].values()]
+    reverted = sum(bool(unit.get("reverted")) for unit in units)
+    if not units or reverted * 4 <= len(units):
+        return None
+    return (
+        f"note: {reverted} of {len(units)} units got worse with training and kept their start: lr {lr:g} "
+        f"is probably too high for this model; try --lr {lr / 3:.1g}"
+    )
+
+
 def _mean(report: dict[str, Any], key: str) -> float:
     values = [unit[key] for unit in report["units"].values()]
     return sum(values) / len(values)
