@@ -130,6 +130,7 @@ def test_a_unit_that_training_makes_worse_goes_back_to_its_start(learn_mask: boo
         "note: 4 of 4 units got worse with training and kept their start: lr 1 is probably too high for "
         "this model; try --lr 0.3"
     )
+    assert lr_hint(reports, 1.0, learn_mask=True) is None
 
 
 def test_a_block_whose_output_got_worse_goes_back_to_its_start(monkeypatch) -> None:

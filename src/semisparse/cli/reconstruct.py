@@ -96,6 +96,6 @@ def reconstruct_command(
     if meta.get("mask_changed") is not None:
         text += f", mask changed {meta['mask_changed']:.2%}"
     click.echo(text + f", {meta['reconstruct_seconds']:.1f} s")
-    hint = lr_hint(meta["blocks"], settings["lr"])
+    hint = lr_hint(meta["blocks"], settings["lr"], settings["learn_mask"])
     if hint:
         click.echo(hint, err=True)
