@@ -22,7 +22,7 @@ from semisparse.cli import main
 from semisparse.data import C4_CALIBRATION_DOCUMENTS, calibration_ids, evaluation_text
 from semisparse.errors import SemisparseError
 from semisparse.export import read_metadata
-from semisparse.jobs.reconstruct import METRICS_FILE, reconstruct_to_dir, work_dir
+from semisparse.jobs.reconstruct import METRICS_FILE, ReconstructStage, reconstruct_to_dir, work_dir
 from semisparse.jobs.train_stage import TrainStageConfig, chained_inputs
 from semisparse.maskfiles import MASKS_FILE, load_masks, masks_from_model, save_masks, target_shapes
 from semisparse.models import load_model, weights_sha256
@@ -131,6 +131,10 @@ def test_a_unit_that_training_makes_worse_goes_back_to_its_start(learn_mask: boo
         "this model; try --lr 0.3"
     )
     assert lr_hint(reports, 1.0, learn_mask=True) is None
+    # `semisparse run` gives the same advice in the stage's summary, from the run's semisparse.json
+    settings = {"granularity": "attn-mlp", "lr": 1.0, "learn_mask": learn_mask}
+    metadata = {"settings": settings, "blocks": reports}
+    assert ("try --lr 0.3" in ReconstructStage.summary(metadata)) is not learn_mask
 
 
 def test_a_block_whose_output_got_worse_goes_back_to_its_start(monkeypatch) -> None:

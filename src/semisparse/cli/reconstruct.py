@@ -10,7 +10,6 @@ import click
 from semisparse import registry
 from semisparse.cli.common import SETTINGS_KEY, device_option, quiet_option, user_errors
 from semisparse.jobs.base import run_stage
-from semisparse.reconstruction import lr_hint
 from semisparse.settings import describe, parse_assignments
 
 
@@ -96,6 +95,8 @@ def reconstruct_command(
     if meta.get("mask_changed") is not None:
         text += f", mask changed {meta['mask_changed']:.2%}"
     click.echo(text + f", {meta['reconstruct_seconds']:.1f} s")
-    hint = lr_hint(meta["blocks"], settings["lr"], settings["learn_mask"])
+    from semisparse.jobs.reconstruct import run_hint  # off start-up, like work_dir above
+
+    hint = run_hint(meta)
     if hint:
         click.echo(hint, err=True)

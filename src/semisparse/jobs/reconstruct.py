@@ -61,7 +61,7 @@ from semisparse.modules import find_targets, layer_filter
 from semisparse.nm import NMPattern
 from semisparse.pruning import prune, pruner_config
 from semisparse.reconstruction.config import ReconstructConfig
-from semisparse.reconstruction.core import Reconstructor
+from semisparse.reconstruction.core import Reconstructor, lr_hint
 from semisparse.report import sparsity_report
 from semisparse.runtime import default_device, measured
 
@@ -366,4 +366,11 @@ class ReconstructStage(Stage):
         text = f"{settings.get('granularity')} from {start}, block output loss {before:.4g} -> {after:.4g}"
         if metadata.get("mask_changed") is not None:
             text += f", mask changed {metadata['mask_changed']:.2%}"
-        return text
+        hint = run_hint(metadata)
+        return f"{text} ({hint})" if hint else text
+
+
+def run_hint(metadata: dict[str, Any]) -> str | None:
+    """`lr_hint` for a finished run, from its semisparse.json (the command and `semisparse run` say it)."""
+    settings = metadata.get("settings") or {}
+    return lr_hint(metadata.get("blocks") or [], settings.get("lr", 0.0), bool(settings.get("learn_mask")))
