@@ -44,10 +44,6 @@ def row_plan(methods: list[str]) -> dict[str, dict[str, Any]]:
             "method": method,
             "reconstruct": {"granularity": "attn-mlp", "learn_mask": True},
         }
-        rows[f"{method}+attn-mlp+swaps"] = {
-            "method": method,
-            "reconstruct": {"granularity": "attn-mlp", "swap_masks": True},
-        }
         if method == "sparsegpt":
             rows[f"{method}+block"] = {"method": method, "reconstruct": {"granularity": "block"}}
             rows[f"{method}+linear"] = {"method": method, "reconstruct": {"granularity": "linear"}}
@@ -109,18 +105,7 @@ def run_row(name: str, plan: dict[str, Any], args: argparse.Namespace, work: Pat
             reconstruct_seconds=meta["reconstruct_seconds"],
             settings={
                 key: meta["settings"].get(key)
-                for key in (
-                    "epochs",
-                    "batch_size",
-                    "lr",
-                    "inputs",
-                    "mask_lr",
-                    "autocast",
-                    "swap_masks",
-                    "swap_fraction",
-                    "swap_windows",
-                    "swap_epochs",
-                )
+                for key in ("epochs", "batch_size", "lr", "inputs", "mask_lr", "autocast")
             },
         )
     row["prune_seconds"] = prune_meta["prune_seconds"]

@@ -250,7 +250,7 @@ def reconstruct_to_dir(
         blocks=blocks,
         block_loss_before=_mean(blocks, "block_loss_before"),
         block_loss_after=_mean(blocks, "block_loss_after"),
-        mask_changed=_mean(blocks, "mask_changed") if config.learn_mask or config.swap_masks else None,
+        mask_changed=_mean(blocks, "mask_changed") if config.learn_mask else None,
         reconstruct_seconds=round(state["seconds"], 2),
         run_seconds=round(this_run, 2),
         resumed_at_block=next_block if next_block else None,

@@ -92,19 +92,6 @@ class ReconstructConfig(Settings):
         "as a fraction of the joint steps",
         minimum=0,
     )
-    swap_masks: bool = setting(
-        False,
-        "after the fixed-mask pass, move one kept weight in the N:M groups where the unit's gradient and "
-        "Gauss-Newton curvature predict a lower local loss, train `swap_epochs` more, and keep the new mask "
-        "only if the unit's loss ends lower",
-    )
-    swap_fraction: float = setting(
-        0.05, "swap_masks: at most this fraction of a layer's N:M groups swap", above=0
-    )
-    swap_windows: int = setting(
-        8, "swap_masks: calibration windows whose gradient and curvature score the swaps", minimum=1
-    )
-    swap_epochs: int = setting(1, "swap_masks: epochs of kept-weight training on the swapped mask", minimum=1)
     source: str = setting("c4", "calibration data: c4, wikipedia (data mirror) or a local .txt/.jsonl file")
     nsamples: int = setting(128, "calibration windows", minimum=1)
     seqlen: int = setting(2048, "tokens per calibration window", minimum=1)
@@ -120,12 +107,6 @@ class ReconstructConfig(Settings):
             raise SemisparseError(f"`warmup` {self.warmup} must be below 1 (a fraction of the steps)")
         if self.min_lr_ratio > 1:
             raise SemisparseError(f"`min_lr_ratio` {self.min_lr_ratio} must be at most 1")
-        if self.swap_fraction > 1:
-            raise SemisparseError(
-                f"`swap_fraction` {self.swap_fraction} must be at most 1 (a fraction of the groups)"
-            )
-        if self.learn_mask and self.swap_masks:
-            raise SemisparseError("`learn_mask` and `swap_masks` both change the mask: choose one")
         if self.learn_mask and self.alpha == 0 and not self.logit_noise:
             raise SemisparseError(
                 "with `alpha` 0 and no `logit_noise` every mask logit starts equal: raise `alpha` (e.g. 3)"

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -55,7 +54,6 @@ from semisparse.pruning.engine import (
 )
 from semisparse.reconstruction.blocks import Call, partial_forward, run_sub_block, sub_blocks
 from semisparse.reconstruction.config import ReconstructConfig
-from semisparse.reconstruction.swaps import apply_swaps, gradient_and_curvature
 from semisparse.reconstruction.units import (
     Activations,
     BlockCallback,
@@ -232,7 +230,7 @@ class Reconstructor:
             with torch.no_grad(), self._precision(state.sparse):
                 self._advance(stream, state.hidden, state.args, state.kwargs)
         report["units"] = units
-        if config.learn_mask or config.swap_masks:
+        if config.learn_mask:
             report["mask_changed"] = changed / total if total else 0.0
         report["seconds"] = round(time.perf_counter() - began, 3)
         if self.device is not None and self.device.type == "cuda":
@@ -336,67 +334,15 @@ class Reconstructor:
             record["mask_changed"] = flips / sum(int(state.masks[n].numel()) for n in unit.layers)
         else:
             record["train_loss"] = self._train(state, unit, forward, acts, steps, {})
-            if config.swap_masks:
-                flips = self._swap(state, unit, forward, acts, record)
-        if "loss_after" not in record:
-            record["loss_after"] = self._loss(state, forward, acts)
+        record["loss_after"] = self._loss(state, forward, acts)
         if start is not None:
             record["reverted"] = record["loss_after"] > record["loss_before"]
             if record["reverted"]:  # Adam's fixed-size steps can only hurt a unit that starts near-exact
                 restore(state, start)
                 record["loss_trained"], record["loss_after"] = record["loss_after"], record["loss_before"]
-                if config.learn_mask or config.swap_masks:
+                if config.learn_mask:
                     flips, record["mask_changed"] = 0, 0.0
         return record, flips
-
-    def _swap(
-        self,
-        state: BlockState,
-        unit: Unit,
-        forward: Callable[[Tensor], Tensor],
-        acts: Activations,
-        record: dict[str, Any],
-    ) -> int:
-        """Mask swaps after the fixed-mask pass (`semisparse.reconstruction.swaps`): swap, train
-        `swap_epochs` more, keep the new mask only if the unit's loss ends lower.
-
-        Returns how many mask entries changed."""
-        config = self.config
-        before = self._loss(state, forward, acts)
-        kept = snapshot(state, unit)
-        modules = [state.sparse.get_submodule(name) for name in unit.layers]
-        generator = torch.Generator().manual_seed(
-            block_seed(config.seed, state.index) ^ zlib.crc32(unit.name.encode())
-        )
-        rows = batches(acts.inputs.shape[0], config.batch_size)
-        scored = batches(min(config.swap_windows, acts.inputs.shape[0]), config.batch_size)
-        layers = [(module, isinstance(module, Conv1D)) for module in modules]
-        with self._precision(state.sparse):
-            grads, curvature = gradient_and_curvature(
-                layers,
-                [(acts.inputs[r], acts.targets[r]) for r in scored],
-                forward,
-                acts.variance,
-                generator,
-            )
-        masks, changed = apply_swaps(
-            layers,
-            [state.masks[name] for name in unit.layers],
-            grads,
-            curvature,
-            self.pattern,
-            config.swap_fraction,
-        )
-        state.masks.update(zip(unit.layers, masks, strict=True))
-        self._train(state, unit, forward, acts, config.swap_epochs * len(rows), {})
-        record["loss_after"] = self._loss(state, forward, acts)
-        record["loss_without_swaps"] = before
-        if record["loss_after"] >= before:
-            restore(state, kept)
-            record["loss_swapped"], record["loss_after"] = record["loss_after"], before
-            changed = 0
-        record["mask_changed"] = changed / sum(int(state.masks[n].numel()) for n in unit.layers)
-        return changed
 
     def _attach(self, state: BlockState, unit: Unit) -> dict[str, LearnableMaskLinear]:
         """Swap the unit's targets for learnable-mask layers: pruned positions get their dense weights back
