@@ -514,3 +514,18 @@ def test_the_real_c4_shard_splits_into_calibration_and_evaluation() -> None:
 def test_the_example_recipe_validates() -> None:
     recipe = Recipe.from_yaml(Path(__file__).resolve().parents[1] / "recipes" / "sparsegpt-reconstruct.yaml")
     assert [stage.name for stage in recipe.stages] == ["prune", "reconstruct", "eval", "eval"]
+
+
+def test_mask_layers_limits_mask_learning_to_the_matching_layers() -> None:
+    dense, sparse, names = pruned_pair("llama")
+    before = matrices(sparse, names)
+    config = ReconstructConfig(
+        **FAST, learn_mask=True, mask_lr=0.05, revert_worse=False, mask_layers=["mlp.*"]
+    )
+    reports = reconstruct(dense, sparse, config, ids(), names, PATTERN, progress=False)
+    after = matrices(sparse, names)
+    moved = {name for name in names if ((after[name] != 0) & (before[name] == 0)).any()}
+    assert moved and all(".mlp." in name for name in moved)  # attention kept its masks exactly
+    for report in reports:
+        assert report["units"]["attn"]["mask_changed"] == 0.0
+        assert "loss_joint" not in report["units"]["attn"] and "loss_joint" in report["units"]["mlp"]

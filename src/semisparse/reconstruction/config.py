@@ -72,6 +72,11 @@ class ReconstructConfig(Settings):
         "CPU with AMX runs the matrix products several times faster (weights and optimizer stay float32)",
     )
     learn_mask: bool = setting(False, "learn each block's N:M masks too (MaskLLM's candidates, local loss)")
+    mask_layers: list[str] = setting(
+        [],
+        "learn_mask: only layers whose names inside a block match these globs learn their masks "
+        "(e.g. mlp.*); the others train with theirs fixed (none: every target layer)",
+    )
     mask_lr: float = setting(5e-3, "peak AdamW learning rate of the mask logits (learn_mask)", above=0)
     alpha: float = setting(3.0, "prior strength of the pruned model's mask: logit shift in stds", minimum=0)
     logit_noise: bool = setting(

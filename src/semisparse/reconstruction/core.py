@@ -12,11 +12,11 @@ For each decoder block in order, on the calibration windows:
 * training: AdamW on the kept weights (and the targets' biases), micro-batches of windows, `epochs`
   passes, linear warm-up then cosine; loss = MSE / variance of the target. The gradients of pruned weights
   are zeroed and the mask is reapplied after every step, so they stay exactly zero.
-* `learn_mask`: the unit's targets become MaskLLM layers (`semisparse.maskllm`) whose logits start from
-  the pruned mask with strength `alpha`, with pruned positions holding their dense weights; logits and
-  weights train jointly on the same local loss while τ and κ anneal over the unit's steps; then the
-  argmax mask is fixed and the kept weights get `fixed_mask_steps` × the steps more, so what ships is
-  what was trained.
+* `learn_mask`: the unit's targets (those matching `mask_layers`, if set) become MaskLLM layers
+  (`semisparse.maskllm`) whose logits start from the pruned mask with strength `alpha`, with pruned
+  positions holding their dense weights; logits and weights train jointly on the same local loss while τ
+  and κ anneal over the unit's steps; then the argmax mask is fixed and the kept weights get
+  `fixed_mask_steps` × the steps more, so what ships is what was trained.
 
 Only the current dense and sparse block, the activations of one depth (stream, unit inputs and targets)
 and one unit's optimizer state are live; with `device` set, a block goes there only while it is processed
@@ -26,6 +26,7 @@ from a seed of its own, so a run resumed at a block boundary is bit-identical to
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -312,9 +313,10 @@ class Reconstructor:
         record["loss_before"] = self._loss(state, forward, acts)
         start = snapshot(state, unit) if config.revert_worse else None
         flips = 0
-        if config.learn_mask:
-            prior = {name: state.masks[name] for name in unit.layers}
-            layers = self._attach(state, unit)
+        learned = self._learns_mask(unit)
+        if learned:
+            prior = {name: state.masks[name] for name in learned}
+            layers = self._attach(state, learned)
             record["train_loss"] = self._train(state, unit, forward, acts, steps, layers)
             record["loss_joint"] = self._loss(state, forward, acts)
             for name, layer in layers.items():
@@ -334,6 +336,8 @@ class Reconstructor:
             record["mask_changed"] = flips / sum(int(state.masks[n].numel()) for n in unit.layers)
         else:
             record["train_loss"] = self._train(state, unit, forward, acts, steps, {})
+            if config.learn_mask:  # `mask_layers` left this unit's masks fixed
+                record["mask_changed"] = 0.0
         record["loss_after"] = self._loss(state, forward, acts)
         if start is not None:
             record["reverted"] = record["loss_after"] > record["loss_before"]
@@ -344,15 +348,22 @@ class Reconstructor:
                     flips, record["mask_changed"] = 0, 0.0
         return record, flips
 
-    def _attach(self, state: BlockState, unit: Unit) -> dict[str, LearnableMaskLinear]:
-        """Swap the unit's targets for learnable-mask layers: pruned positions get their dense weights back
-        and the logits start from the pruned mask with strength `alpha`."""
+    def _learns_mask(self, unit: Unit) -> list[str]:
+        """The unit's layers whose masks `learn_mask` learns (`mask_layers` globs, names inside the block)."""
+        if not self.config.learn_mask:
+            return []
+        globs = self.config.mask_layers
+        return [name for name in unit.layers if not globs or any(fnmatch.fnmatch(name, g) for g in globs)]
+
+    def _attach(self, state: BlockState, names: Sequence[str]) -> dict[str, LearnableMaskLinear]:
+        """Swap these targets for learnable-mask layers: pruned positions get their dense weights back and
+        the logits start from the pruned mask with strength `alpha`."""
         generator_device = _first_device(state.sparse) or torch.device("cpu")
         generator = torch.Generator(device=generator_device).manual_seed(
             block_seed(self.config.seed, state.index)
         )
         layers = {}
-        for name in unit.layers:
+        for name in names:
             module = state.sparse.get_submodule(name)
             dense = weight_matrix(state.dense.get_submodule(name)).detach()
             kept = weight_matrix(module).detach()
