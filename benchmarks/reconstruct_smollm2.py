@@ -105,7 +105,7 @@ def run_row(name: str, plan: dict[str, Any], args: argparse.Namespace, work: Pat
             reconstruct_seconds=meta["reconstruct_seconds"],
             settings={
                 key: meta["settings"].get(key)
-                for key in ("epochs", "batch_size", "lr", "inputs", "mask_lr", "autocast")
+                for key in ("epochs", "batch_size", "lr", "inputs", "mask_lr", "mask_layers", "autocast")
             },
         )
     row["prune_seconds"] = prune_meta["prune_seconds"]
