@@ -529,3 +529,10 @@ def test_mask_layers_limits_mask_learning_to_the_matching_layers() -> None:
     for report in reports:
         assert report["units"]["attn"]["mask_changed"] == 0.0
         assert "loss_joint" not in report["units"]["attn"] and "loss_joint" in report["units"]["mlp"]
+
+
+def test_mask_layers_matching_no_layer_is_refused_before_any_work() -> None:
+    dense, sparse, names = pruned_pair("llama")
+    config = ReconstructConfig(**FAST, learn_mask=True, mask_layers=["mpl.*"])
+    with pytest.raises(SemisparseError, match=r"`mask_layers` \['mpl.\*'\] matches no target layer.*mlp"):
+        Reconstructor(dense, sparse, config, PATTERN, names, progress=False)

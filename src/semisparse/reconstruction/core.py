@@ -26,7 +26,6 @@ from a seed of its own, so a run resumed at a block boundary is bit-identical to
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,7 +43,7 @@ from semisparse.errors import SemisparseError
 from semisparse.maskllm.candidates import overlaps
 from semisparse.maskllm.layer import LearnableMaskLinear
 from semisparse.maskllm.swap import detach_learnable_masks
-from semisparse.modules import decoder_blocks, set_submodule, weight_matrix
+from semisparse.modules import decoder_blocks, layer_filter, set_submodule, weight_matrix
 from semisparse.nm import NMPattern
 from semisparse.pruning.engine import (
     _block_output,
@@ -108,6 +107,14 @@ class Reconstructor:
         for b, names in enumerate(self.layers):  # fail before any work on a block attn-mlp cannot split
             if names:
                 units_of(self.sparse_blocks[b], names, config.granularity)
+        self.mask_filter = layer_filter(config.mask_layers)
+        named = [(b, name) for b, names in enumerate(self.layers) for name in names]
+        if config.learn_mask and named and not any(self._learns(b, name) for b, name in named):
+            example = ", ".join(next(names for names in self.layers if names)[:3])
+            raise SemisparseError(
+                f"`mask_layers` {config.mask_layers} matches no target layer; use names inside a block, "
+                f"such as {example} (globs like mlp.*)"
+            )
 
     # --- the run ---------------------------------------------------------------------------------------
     def run(
@@ -313,7 +320,9 @@ class Reconstructor:
         record["loss_before"] = self._loss(state, forward, acts)
         start = snapshot(state, unit) if config.revert_worse else None
         flips = 0
-        learned = self._learns_mask(unit)
+        learned = (
+            [name for name in unit.layers if self._learns(state.index, name)] if config.learn_mask else []
+        )
         if learned:
             prior = {name: state.masks[name] for name in learned}
             layers = self._attach(state, learned)
@@ -348,12 +357,9 @@ class Reconstructor:
                     flips, record["mask_changed"] = 0, 0.0
         return record, flips
 
-    def _learns_mask(self, unit: Unit) -> list[str]:
-        """The unit's layers whose masks `learn_mask` learns (`mask_layers` globs, names inside the block)."""
-        if not self.config.learn_mask:
-            return []
-        globs = self.config.mask_layers
-        return [name for name in unit.layers if not globs or any(fnmatch.fnmatch(name, g) for g in globs)]
+    def _learns(self, block: int, name: str) -> bool:
+        """Whether `learn_mask` learns this layer's mask: its name inside the block matches `mask_layers`."""
+        return self.mask_filter(self.sparse_blocks[block].get_submodule(name), name)
 
     def _attach(self, state: BlockState, names: Sequence[str]) -> dict[str, LearnableMaskLinear]:
         """Swap these targets for learnable-mask layers: pruned positions get their dense weights back and
