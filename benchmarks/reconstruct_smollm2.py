@@ -76,7 +76,8 @@ def one_shot(method: str, args: argparse.Namespace, work: Path) -> tuple[Path, d
 
 
 def calibration(args: argparse.Namespace) -> list[str]:
-    return ["--calibration", args.calibration, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+    return ["--calibration", args.calibration, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+            "--seed", str(args.seed)]  # fmt: skip
 
 
 def run_row(name: str, plan: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -178,6 +179,7 @@ def main() -> None:
     parser.add_argument("--calibration", default="c4")
     parser.add_argument("--nsamples", type=int, default=32, help="Calibration windows (prune + reconstruct).")
     parser.add_argument("--seqlen", type=int, default=2048, help="Tokens per calibration window.")
+    parser.add_argument("--seed", type=int, default=0, help="Calibration seed (prune + reconstruct).")
     parser.add_argument("--max-windows", type=int, default=32, help="Perplexity on the first K windows.")
     parser.add_argument("--eval-seqlen", type=int, default=None, help="Perplexity window (default 2048).")
     parser.add_argument(
@@ -216,7 +218,7 @@ def main() -> None:
     scope = f"first {args.max_windows} windows" if args.max_windows else "all windows"
     settings = {
         "pattern": args.pattern,
-        "calibration": f"{args.calibration}, {args.nsamples} x {args.seqlen} tokens, seed 0",
+        "calibration": f"{args.calibration}, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}",
         "eval": f"{scope} of {args.eval_seqlen or 'min(2048, context)'} tokens",
         "reconstruct_settings": args.settings,
     }
